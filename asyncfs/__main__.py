@@ -1,0 +1,5 @@
+"""`python -m asyncfs` is the same as the `asyncfs` console script."""
+
+from asyncfs.cli import main
+
+raise SystemExit(main())

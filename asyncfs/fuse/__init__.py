@@ -1,0 +1,1 @@
+"""Thin pyfuse3 adapter: handlers to engine calls and values, one errno table."""

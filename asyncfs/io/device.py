@@ -1,0 +1,26 @@
+"""The block-device interface every backend implements, and that the engine reads through."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BlockDevice(Protocol):
+    """A read-only byte-addressed device: a whole image, a partition of one, or a test double.
+
+    ``read`` returns exactly ``length`` bytes at ``offset`` (the engine asks page-aligned,
+    page-multiple ranges that may end at ``size``, where the tail is short). It raises
+    ``DeviceIOError`` for an I/O error or a range past ``size``; it never blocks the trio thread.
+    """
+
+    @property
+    def size(self) -> int: ...
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """Non-blocking probe (``preadv2(RWF_NOWAIT)``): the bytes if the host has them cached,
+        else ``None``. Backends that cannot probe return ``None``."""
+        ...
+
+    async def aclose(self) -> None: ...
