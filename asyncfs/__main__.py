@@ -1,5 +1,5 @@
 """`python -m asyncfs` is the same as the `asyncfs` console script."""
 
-from asyncfs.cli import main
+from asyncfs.cli.main import main
 
 raise SystemExit(main())

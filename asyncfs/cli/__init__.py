@@ -1,0 +1,1 @@
+"""Composition root: command line, options, daemon lifecycle, stats channel, wiring."""

@@ -1,0 +1,181 @@
+"""The mount's lifetime: start-up report to the parent, serving, signals, clean unmount.
+
+Without ``-f`` the command forks before any event loop or thread exists; the child mounts and
+writes one status line into a pipe ("OK" or the error), so the parent exits 0 only once the
+mount answers, or non-zero with the child's one-line reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import pyfuse3
+import trio
+
+from asyncfs import __version__
+from asyncfs.cli import control
+from asyncfs.cli.options import MountOptions
+from asyncfs.cli.wiring import open_stack
+from asyncfs.errors import AsyncfsError
+from asyncfs.fuse.ops import AsyncfsOperations
+
+log = logging.getLogger("asyncfs")
+
+# After SIGTERM/SIGINT, requests still in flight get this long to finish before the FUSE
+# connection is aborted (their readers then see ENOTCONN instead of hanging on a dead device).
+SHUTDOWN_GRACE_S = 2.0
+
+
+class StartupReporter:
+    """Carries the one start-up status line to the waiting parent (or nowhere with -f)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def send(self, line: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, line.encode(errors="replace") + b"\n")
+        except OSError:
+            pass  # the parent is gone (killed or timed out); the log still has the story
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+async def serve(image: str, mountpoint: str, opts: MountOptions,
+                reporter: StartupReporter) -> int:
+    """Mount and serve until unmounted or signalled; return the exit status."""
+    started = time.time()
+    try:
+        async with open_stack(image, opts) as stack:
+            ops = AsyncfsOperations(stack.volume, direct_io=opts.direct_io)
+            try:
+                pyfuse3.init(ops, mountpoint, opts.fuse_options(os.path.basename(image)))
+            except RuntimeError as e:
+                raise AsyncfsError(f"cannot mount on {mountpoint}: {e}") from None
+            unmount_needed = True
+            try:
+
+                def snapshot() -> dict[str, Any]:
+                    s: dict[str, Any] = dict(stack.cache.stats())
+                    s.update(image=os.path.abspath(image), mountpoint=mountpoint,
+                             pid=os.getpid(), version=__version__,
+                             uptime_s=round(time.time() - started, 3),
+                             requests_failed=ops.requests_failed,
+                             log=str(control.log_path(mountpoint)))
+                    return s
+
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(control.serve_stats, control.socket_path(mountpoint),
+                                        snapshot)
+                    reporter.send("OK")
+                    log.info("mounted %s on %s", image, mountpoint)
+                    signalled = trio.Event()
+                    nursery.start_soon(_watch_signals, signalled)
+                    with trio.CancelScope() as fuse_scope:
+                        nursery.start_soon(_cancel_after_signal, signalled, fuse_scope)
+                        await pyfuse3.main(max_tasks=opts.max_tasks)
+                    # main() returns when the kernel ends the session (fusermount3 -u, umount)
+                    # or after terminate(); either way the mount is finished.
+                    unmount_needed = signalled.is_set()
+                    nursery.cancel_scope.cancel()
+            finally:
+                pyfuse3.close(unmount=unmount_needed)
+                log.info("unmounted %s", mountpoint)
+    except AsyncfsError as e:
+        if reporter.fd is not None:
+            reporter.send(f"ERR {e}")
+        else:
+            print(f"asyncfs: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _watch_signals(signalled: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            signalled.set()
+            pyfuse3.terminate()
+            return
+
+
+async def _cancel_after_signal(signalled: trio.Event, scope: trio.CancelScope) -> None:
+    await signalled.wait()
+    await trio.sleep(SHUTDOWN_GRACE_S)
+    # Requests that did not finish in the grace period (a stalled device) are abandoned:
+    # cancelling them frees their wait entries; close() then detaches the mount and drops the
+    # FUSE connection, and the kernel fails those requests (ENOTCONN) instead of hanging them.
+    scope.cancel()
+
+
+def setup_logging(opts: MountOptions, mountpoint: str, foreground: bool) -> None:
+    level = logging.DEBUG if opts.debug else logging.INFO
+    handlers: list[logging.Handler] = []
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    else:
+        path = control.log_path(mountpoint)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
+    logging.basicConfig(level=level, handlers=handlers,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+
+
+def run_mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool) -> int:
+    """Entry for `asyncfs mount`: fork unless foreground, then serve."""
+    if foreground:
+        setup_logging(opts, mountpoint, foreground=True)
+        return trio.run(serve, image, mountpoint, opts, StartupReporter(None))
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        status = _read_all(rfd).decode(errors="replace").strip()
+        os.close(rfd)
+        if status == "OK":
+            return 0
+        if status.startswith("ERR "):
+            print(f"asyncfs: {status[4:]}", file=sys.stderr)
+        else:
+            _, code = os.waitpid(pid, 0)
+            print(f"asyncfs: the daemon exited during start-up (status {code}); "
+                  f"see {control.log_path(mountpoint)}", file=sys.stderr)
+        return 1
+
+    # Child: detach from the terminal and the caller's session so the mount outlives both.
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    code = 1
+    try:
+        setup_logging(opts, mountpoint, foreground=False)
+        code = trio.run(serve, image, mountpoint, opts, StartupReporter(wfd))
+    except BaseException:  # the parent must hear something, whatever went wrong
+        log.exception("daemon failed")
+        try:
+            os.write(wfd, b"ERR the daemon failed during start-up; see its log\n")
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)

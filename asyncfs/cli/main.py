@@ -1,0 +1,196 @@
+"""Command line: `asyncfs mount|info|stats|ls|cat`. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import trio
+
+from asyncfs import __version__
+from asyncfs.cli import control
+from asyncfs.cli.mountpoint import check_mountpoint
+from asyncfs.cli.options import MountOptions, parse_options
+from asyncfs.cli.wiring import open_stack
+from asyncfs.engine.volume import Volume
+from asyncfs.errors import AsyncfsError, ImageError, NoEntryError, UsageError
+from asyncfs.types import Attr
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see asyncfs {self.prog.split()[-1]} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="asyncfs", description="Read-only FUSE mounts of ext2/3/4 images.")
+    p.add_argument("--version", action="version", version=f"asyncfs {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("mount", help="mount an image read-only")
+    m.add_argument("image")
+    m.add_argument("mountpoint")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    m.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("-d", dest="debug", action="store_true", help="foreground with debug logging")
+
+    i = sub.add_parser("info", help="partitions and filesystems of an image")
+    i.add_argument("image")
+
+    s = sub.add_parser("stats", help="page-cache counters of a mounted image")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+
+    ls = sub.add_parser("ls", help="list a directory of an image without mounting")
+    ls.add_argument("image")
+    ls.add_argument("path", nargs="?", default="/")
+    ls.add_argument("-o", dest="options", action="append", default=[])
+
+    c = sub.add_parser("cat", help="write a file of an image to stdout without mounting")
+    c.add_argument("image")
+    c.add_argument("path")
+    c.add_argument("-o", dest="options", action="append", default=[])
+    return p
+
+
+def check_image(image: str) -> str:
+    if not os.path.lexists(image):
+        raise ImageError(f"image {image} does not exist")
+    if os.path.isdir(image):
+        raise ImageError(f"image {image} is a directory, not an image file")
+    if not os.access(image, os.R_OK):
+        raise ImageError(f"image {image} is not readable")
+    return os.path.abspath(image)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except AsyncfsError as e:
+        print(f"asyncfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "mount":
+        from asyncfs.cli.daemon import run_mount  # pyfuse3 only where it is needed
+
+        opts = parse_options(args.options)
+        opts.debug = opts.debug or args.debug
+        image = check_image(args.image)
+        mountpoint = check_mountpoint(args.mountpoint)
+        return run_mount(image, mountpoint, opts, foreground=args.foreground or args.debug)
+    if args.cmd == "info":
+        return _info(check_image(args.image))
+    if args.cmd == "stats":
+        return _stats(args.mountpoint, as_json=args.json)
+    if args.cmd == "ls":
+        return trio.run(_ls, check_image(args.image), args.path, parse_options(args.options))
+    if args.cmd == "cat":
+        return trio.run(_cat, check_image(args.image), args.path, parse_options(args.options))
+    raise UsageError(f"unknown command {args.cmd}")
+
+
+def _info(image: str) -> int:
+    from asyncfs.io import describe_image
+
+    info = describe_image(image)
+    print(info.render() if hasattr(info, "render") else info)
+    return 0
+
+
+def _stats(mountpoint: str, *, as_json: bool) -> int:
+    data = control.fetch_stats(mountpoint)
+    if as_json:
+        print(json.dumps(data, sort_keys=True))
+        return 0
+    hits, misses = int(data.get("cache_hits", 0)), int(data.get("cache_misses", 0))
+    ratio = hits / (hits + misses) if hits + misses else 0.0
+    mib = 2**20
+    lines = [
+        f"asyncfs {data.get('version', '?')} pid {data.get('pid')}: {data.get('image')} on "
+        f"{data.get('mountpoint')}, up {data.get('uptime_s', 0):.0f}s, wait={data.get('wait_mode')}",
+        f"cache     {int(data.get('cache_bytes', 0)) / mib:.1f} / "
+        f"{int(data.get('cache_limit_bytes', 0)) / mib:.1f} MiB in {data.get('pages_cached')} pages,"
+        f" {hits} hits / {misses} misses ({ratio:.1%}), {data.get('evictions')} evictions",
+        f"backend   {data.get('backend_reads')} reads, "
+        f"{int(data.get('backend_bytes', 0)) / mib:.1f} MiB, {data.get('inflight_io')} in flight",
+        f"waiters   {data.get('parked_now')} parked now, {data.get('parked_total')} in total, "
+        f"{data.get('wakeups', 0)} wakeups",
+        f"readahead {data.get('readahead_pages')} pages issued, "
+        f"{data.get('readahead_used', 0)} used",
+        f"errors    {data.get('requests_failed', 0)} failed requests (log: {data.get('log')})",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+async def _resolve(volume: Volume, path: str) -> Attr:
+    attr = await volume.getattr(volume.root_ino)
+    for part in [p for p in path.split("/") if p]:
+        try:
+            attr = await volume.lookup(attr.ino, os.fsencode(part))
+        except NoEntryError:
+            raise NoEntryError(f"{path}: no such file or directory in the image") from None
+    return attr
+
+
+def _ls_line(name: bytes, a: Attr) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(a.mtime_ns // 10**9))
+    size = (f"{os.major(a.rdev)}, {os.minor(a.rdev)}"
+            if stat.S_ISCHR(a.mode) or stat.S_ISBLK(a.mode) else str(a.size))
+    return (f"{stat.filemode(a.mode)} {a.nlink:>3} {a.uid:>5} {a.gid:>5} {size:>10} {when} "
+            f"{os.fsdecode(name)}")
+
+
+async def _ls(image: str, path: str, opts: MountOptions) -> int:
+    async with open_stack(image, opts) as stack:
+        vol = stack.volume
+        attr = await _resolve(vol, path)
+        if not stat.S_ISDIR(attr.mode):
+            print(_ls_line(os.fsencode(path.rstrip("/").rsplit("/", 1)[-1]), attr))
+            return 0
+        off = 0
+        while True:
+            batch = await vol.readdir(attr.ino, off)
+            if not batch:
+                break
+            for ent in batch:
+                off = ent.next_off
+                if ent.name in (b".", b".."):
+                    continue
+                line = _ls_line(ent.name, await vol.getattr(ent.ino))
+                if stat.S_ISLNK((await vol.getattr(ent.ino)).mode):
+                    line += " -> " + os.fsdecode(await vol.readlink(ent.ino))
+                print(line)
+    return 0
+
+
+async def _cat(image: str, path: str, opts: MountOptions) -> int:
+    async with open_stack(image, opts) as stack:
+        vol = stack.volume
+        attr = await _resolve(vol, path)
+        if stat.S_ISDIR(attr.mode):
+            raise UsageError(f"{path} is a directory")
+        handle: Any = await vol.open(attr.ino)
+        out = sys.stdout.buffer
+        off, chunk = 0, 1 << 20
+        while True:
+            data = await vol.read(handle, off, chunk)
+            if not data:
+                break
+            out.write(data)
+            off += len(data)
+        out.flush()
+    return 0

@@ -1,0 +1,86 @@
+"""Mount-point checks before mounting, and the FUSE connection behind a mount (for aborts)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from asyncfs.errors import MountPointError
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entry(path: str) -> tuple[str, str] | None:
+    """(fstype, source) of the mount whose mount point is exactly ``path``, else None."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        if len(fields) >= 5 and len(rfields) >= 2 and _unescape(fields[4]) == path:
+            found = (rfields[0], _unescape(rfields[1]))  # the last one stacked on top wins
+    return found
+
+
+def _stale(mountpoint: str, path: str) -> MountPointError:
+    return MountPointError(
+        f"mount point {mountpoint} is a stale FUSE mount (Transport endpoint is not "
+        f"connected): its daemon died; clear it with: fusermount3 -u {path}"
+    )
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """Return the canonical mount point, or raise MountPointError with a one-line reason."""
+    path = os.path.realpath(mountpoint)
+    entry = mount_entry(path)
+    if entry is not None:
+        if entry[0].startswith("fuse"):
+            # statfs is never answered from the kernel's attribute cache, so it reaches the
+            # daemon, and a dead daemon's connection answers ENOTCONN.
+            try:
+                os.statvfs(path)
+            except OSError as e:
+                if e.errno == errno.ENOTCONN:
+                    raise _stale(mountpoint, path) from None
+        raise MountPointError(
+            f"mount point {mountpoint} is busy: {entry[1]} ({entry[0]}) is already mounted there"
+        )
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise MountPointError(f"mount point {mountpoint} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise _stale(mountpoint, path) from None
+        raise MountPointError(f"mount point {mountpoint}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise MountPointError(f"mount point {mountpoint} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK) and os.geteuid() != 0:
+        raise MountPointError(f"mount point {mountpoint} is not writable by you")
+    return path
+
+
+def fuse_connection(mountpoint: str) -> Path | None:
+    """The /sys/fs/fuse/connections/N directory of the FUSE mount at ``mountpoint``."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+    except OSError:
+        return None
+    conn = Path("/sys/fs/fuse/connections") / str(os.minor(dev))
+    return conn if conn.is_dir() else None

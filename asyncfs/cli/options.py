@@ -1,0 +1,162 @@
+"""Mount options: the `-o` grammar, defaults and validation (one-line UsageError on anything bad)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from asyncfs.errors import UsageError
+
+_SIZE_RE = re.compile(r"^(\d+)([kmgt]?)(i?b?)$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+# FUSE/VFS options passed straight to the kernel; the image is never writable, so "rw" is refused.
+_PASSTHROUGH_FLAGS = frozenset(
+    {"allow_other", "allow_root", "default_permissions", "nodev", "nosuid", "noexec",
+     "dev", "suid", "exec", "noatime", "relatime", "atime", "auto_unmount"}
+)
+_PASSTHROUGH_VALUES = frozenset({"fsname", "subtype"})
+
+
+def parse_size(text: str, what: str) -> int:
+    """``4096``, ``64M``, ``1GiB``, ``128k`` -> bytes (binary units, as mount tools use)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise UsageError(f"malformed size for {what}: {text!r} (expected e.g. 4096, 64M, 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _parse_int(text: str, what: str, lo: int, hi: int) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise UsageError(f"malformed number for {what}: {text!r}") from None
+    if not lo <= value <= hi:
+        raise UsageError(f"{what}={value} is out of range ({lo}..{hi})")
+    return value
+
+
+def _parse_float(text: str, what: str, lo: float, hi: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"malformed number for {what}: {text!r}") from None
+    if not lo <= value <= hi:
+        raise UsageError(f"{what}={text} is out of range ({lo:g}..{hi:g})")
+    return value
+
+
+@dataclass
+class MountOptions:
+    """Everything ``-o`` can set; defaults are the measured ones documented in docs/usage.md."""
+
+    partition: int | None = None
+    offset: int | None = None
+    sizelimit: int | None = None
+    cache_size: int = 256 * 2**20
+    direct_io: bool = False
+    wait: Literal["async", "threads"] = "async"
+    threads: int = 16
+    readahead: int = 128 * 1024
+    max_tasks: int = 99
+    latency_ms: float = 0.0
+    backend: Literal["auto", "uring", "threads"] = "auto"
+    odirect: bool | None = None
+    verify_csum: bool = True
+    debug: bool = False
+    fuse_flags: set[str] = field(default_factory=set)
+    fuse_values: dict[str, str] = field(default_factory=dict)
+
+    def fuse_options(self, image_name: str) -> set[str]:
+        """The option set handed to ``pyfuse3.init`` (always read-only)."""
+        opts = {"ro", "default_permissions", *self.fuse_flags}
+        values = {"fsname": f"asyncfs:{image_name}", "subtype": "asyncfs", **self.fuse_values}
+        opts.update(f"{k}={v}" for k, v in values.items())
+        return opts
+
+
+def parse_options(groups: list[str]) -> MountOptions:
+    """Parse every ``-o`` argument (each a comma-separated list) into one MountOptions."""
+    opts = MountOptions()
+    for group in groups:
+        for item in group.split(","):
+            item = item.strip()
+            if item:
+                _apply(opts, item)
+    if opts.partition is not None and opts.offset is not None:
+        raise UsageError("partition= and offset= cannot be combined")
+    if opts.sizelimit is not None and opts.offset is None:
+        raise UsageError("sizelimit= needs offset=")
+    return opts
+
+
+def _apply(opts: MountOptions, item: str) -> None:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    has_value = bool(sep)
+
+    def need_value() -> str:
+        if not has_value or not value:
+            raise UsageError(f"option {key} needs a value ({key}=...)")
+        return value
+
+    def no_value() -> None:
+        if has_value:
+            raise UsageError(f"option {key} takes no value")
+
+    if key == "partition":
+        opts.partition = _parse_int(need_value(), key, 1, 256)
+    elif key == "offset":
+        opts.offset = parse_size(need_value(), key)
+    elif key == "sizelimit":
+        opts.sizelimit = parse_size(need_value(), key)
+        if opts.sizelimit == 0:
+            raise UsageError("sizelimit=0 leaves nothing to mount")
+    elif key == "cache_size":
+        opts.cache_size = parse_size(need_value(), key)
+        if opts.cache_size < 64 * 1024:
+            raise UsageError(f"cache_size={value} is too small (at least 64K)")
+    elif key == "direct_io":
+        no_value()
+        opts.direct_io = True
+    elif key == "wait":
+        v = need_value()
+        if v not in ("async", "threads"):
+            raise UsageError(f"wait={v}: expected wait=async or wait=threads")
+        opts.wait = "async" if v == "async" else "threads"
+    elif key == "threads":
+        opts.threads = _parse_int(need_value(), key, 1, 1024)
+    elif key == "readahead":
+        opts.readahead = parse_size(need_value(), key)
+        if opts.readahead > 64 * 2**20:
+            raise UsageError(f"readahead={value} is too large (at most 64M)")
+    elif key == "max_tasks":
+        opts.max_tasks = _parse_int(need_value(), key, 1, 10000)
+    elif key == "latency":
+        opts.latency_ms = _parse_float(need_value(), key, 0.0, 60000.0)
+    elif key == "backend":
+        v = need_value()
+        if v not in ("auto", "uring", "threads"):
+            raise UsageError(f"backend={v}: expected auto, uring or threads")
+        opts.backend = v  # type: ignore[assignment]
+    elif key in ("odirect", "buffered"):
+        no_value()
+        opts.odirect = key == "odirect"
+    elif key == "nocsum":
+        no_value()
+        opts.verify_csum = False
+    elif key == "debug":
+        no_value()
+        opts.debug = True
+    elif key == "ro":
+        no_value()
+    elif key == "rw":
+        raise UsageError("asyncfs mounts are read-only: option rw is not supported")
+    elif key in _PASSTHROUGH_FLAGS:
+        no_value()
+        opts.fuse_flags.add(key)
+    elif key in _PASSTHROUGH_VALUES:
+        opts.fuse_values[key] = need_value()
+    else:
+        raise UsageError(f"unknown mount option: {item}")

@@ -1,0 +1,595 @@
+"""The page cache read path (``generic_file_buffered_read`` with the seed's IOCB_WAITQ/NOWAIT).
+
+``PageCache`` owns the pages of one filesystem device (keyed by device page index), the hashed
+wait table, reclaim, per-file readahead and the backend I/O tasks. It implements
+``engine.interfaces.DeviceReader``. Everything runs on one trio thread; the pure state lives in
+``asyncfs.pagecache`` and is only mutated between awaits, so each step below is atomic.
+
+A read step copies the UPTODATE prefix of its range; at the first page that is not UPTODATE it
+creates the missing pages LOCKED, submits one coalesced backend read per contiguous run, and
+(unless it copied bytes, §4.8) parks on a wait entry until the page unlocks, then looks the
+page up again (§4.11). Backend reads run as trio system tasks, so a cancelled reader never
+cancels an I/O other readers wait on; completion sets UPTODATE or ERROR, unlocks and wakes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import trio
+
+from asyncfs.engine.interfaces import FileMap
+from asyncfs.engine.waiting import Waiter
+from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
+from asyncfs.io.device import BlockDevice
+from asyncfs.pagecache import FileReadahead, PageLRU, ReadaheadWindow, WaitTable
+from asyncfs.pagecache.page import (
+    LRU_ACTIVE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PG_ERROR,
+    PG_LOCKED,
+    PG_RA_UNUSED,
+    PG_READAHEAD,
+    PG_REFERENCED,
+    PG_UPTODATE,
+    Page,
+)
+from asyncfs.types import Run
+
+log = logging.getLogger(__name__)
+
+# Largest single backend read the cache submits (pages); longer runs are split.
+MAX_IO_PAGES = 256
+_ZEROS = bytes(1 << 20)
+_SPECIAL = PG_READAHEAD | PG_RA_UNUSED
+
+
+def _zeros(n: int) -> bytes | memoryview:
+    if n <= len(_ZEROS):
+        return memoryview(_ZEROS)[:n]
+    return bytes(n)
+
+
+class _FileCtx:
+    """What a device-range read needs to know about the file it serves (readahead glue)."""
+
+    __slots__ = ("eof_pages", "fmap", "ra", "ra_done", "req_first", "req_last", "run")
+
+    def __init__(self, fmap: FileMap, ra: FileReadahead, off: int, end: int) -> None:
+        self.fmap = fmap
+        self.ra = ra
+        self.req_first = off >> PAGE_SHIFT
+        self.req_last = (end - 1) >> PAGE_SHIFT
+        self.eof_pages = (fmap.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        self.ra_done = False
+        self.run: Run | None = None
+
+    def file_page(self, dev_idx: int) -> int:
+        run = self.run
+        assert run is not None and run.dev_off is not None
+        dev_byte = max(dev_idx << PAGE_SHIFT, run.dev_off)
+        return (run.file_off + dev_byte - run.dev_off) >> PAGE_SHIFT
+
+
+class PageCache:
+    """A size-bounded page cache of one block device, with the async page lock."""
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        *,
+        cache_bytes: int = 256 * 2**20,
+        wait_mode: Literal["async", "threads"] = "async",
+        threads: int = 16,
+        readahead_max: int = 128 * 1024,
+        wait_table_bits: int = 8,
+    ) -> None:
+        self._dev = device
+        self._dev_size = device.size
+        self._lru = PageLRU(max(1, cache_bytes // PAGE_SIZE))
+        self._wt = WaitTable(wait_table_bits)
+        self._waiter = Waiter(self._wt, wait_mode, threads)
+        self._ra_pages = max(0, readahead_max) // PAGE_SIZE
+        self._closed = False
+        self._io_scopes: set[trio.CancelScope] = set()
+        self._idle: trio.Event | None = None
+        # counters
+        self.hits = 0
+        self.misses = 0
+        self.backend_reads = 0
+        self.backend_bytes = 0
+        self.backend_nowait_reads = 0
+        self.inflight_io = 0
+        self.readahead_pages = 0
+        self.readahead_used = 0
+
+    # -- introspection (tests, soak, stats) ---------------------------------------------
+    @property
+    def wait_table(self) -> WaitTable:
+        return self._wt
+
+    @property
+    def lru(self) -> PageLRU:
+        return self._lru
+
+    @property
+    def waiter(self) -> Waiter:
+        return self._waiter
+
+    @property
+    def device_size(self) -> int:
+        return self._dev_size
+
+    def lookup(self, index: int) -> Page | None:
+        return self._lru.pages.get(index)
+
+    def stats(self) -> dict[str, int | str]:
+        n = len(self._lru.pages)
+        c = self._waiter.counters
+        return {
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "backend_reads": self.backend_reads,
+            "backend_bytes": self.backend_bytes,
+            "backend_nowait_reads": self.backend_nowait_reads,
+            "parked_now": c.parked_now,
+            "parked_total": c.parked_total,
+            "wakeups": self._wt.wakeups,
+            "inflight_io": self.inflight_io,
+            "pages_cached": n,
+            "cache_bytes": n * PAGE_SIZE,
+            "cache_limit_bytes": self._lru.limit * PAGE_SIZE,
+            "readahead_pages": self.readahead_pages,
+            "readahead_used": self.readahead_used,
+            "evictions": self._lru.evictions,
+            "wait_mode": self._waiter.mode,
+        }
+
+    def new_readahead(self) -> FileReadahead:
+        return FileReadahead(self._ra_pages)
+
+    # -- public reads -------------------------------------------------------------------
+    async def read_dev(self, off: int, length: int, *, nowait: bool = False) -> bytes:
+        """``length`` bytes of the device at ``off`` through the cache (no readahead).
+        ``nowait`` (IOCB_NOWAIT): never park; start any needed I/O, return the bytes that are
+        ready (a short result) or raise ``WouldBlockError`` if none are."""
+        if length <= 0:
+            return b""
+        end = off + length
+        if off < 0 or end > self._dev_size:
+            raise DeviceIOError(
+                f"read of {length} bytes at {off} is outside the device ({self._dev_size} bytes)"
+            )
+        self._check_open()
+        parts: list[bytes | bytearray | memoryview] = []
+        got = self._copy_prefix(off, end, parts, None)
+        if got < end:
+            try:
+                await self._read_slow(got, end, parts, None, nowait)
+            except WouldBlockError:
+                if not parts:
+                    raise
+        if len(parts) == 1:
+            p = parts[0]
+            return p if isinstance(p, bytes) else bytes(p)
+        return b"".join(parts)
+
+    async def read_file(
+        self,
+        fmap: FileMap,
+        ra: object | None,
+        off: int,
+        size: int,
+        *,
+        nowait: bool = False,
+    ) -> bytes | memoryview:
+        """Up to ``size`` bytes of the file at ``off``, short only at EOF (or, with
+        ``nowait``, when the rest would need to wait). Raises ``DeviceIOError`` on EIO."""
+        fsize = fmap.size
+        if size <= 0 or off >= fsize or off < 0:
+            return b""
+        end = min(off + size, fsize)
+        self._check_open()
+        runs = await fmap.map(off, end - off)
+        fra = ra if isinstance(ra, FileReadahead) and self._ra_pages else None
+        ctx: _FileCtx | None = None
+        parts: list[bytes | bytearray | memoryview] = []
+        markers: list[int] = []
+        dev_size = self._dev_size
+        try:
+            for run in runs:
+                if run.dev_off is None:
+                    if run.data is not None:
+                        parts.append(run.data[: run.length])
+                    else:
+                        parts.append(_zeros(run.length))
+                    continue
+                d0 = run.dev_off
+                d1 = d0 + run.length
+                if d0 < 0 or d1 > dev_size:
+                    raise DeviceIOError(
+                        f"file extent at device offset {d0} runs past the device end"
+                    )
+                if run.length <= 0:
+                    continue
+                got = self._copy_prefix(d0, d1, parts, markers if fra is not None else None)
+                if markers and fra is not None:
+                    if ctx is None:
+                        ctx = _FileCtx(fmap, fra, off, end)
+                    ctx.run = run
+                    self._async_readahead(ctx, markers)
+                if got < d1:
+                    if fra is not None and ctx is None:
+                        ctx = _FileCtx(fmap, fra, off, end)
+                    if ctx is not None:
+                        ctx.run = run
+                    try:
+                        await self._read_slow(got, d1, parts, ctx, nowait)
+                    except WouldBlockError:
+                        if parts:
+                            break  # partial progress: a short read, the caller continues
+                        raise
+        except DeviceIOError:
+            if fra is not None:
+                fra.shrink_on_error()
+            raise
+        if fra is not None:
+            fra.note_read((end - 1) >> PAGE_SHIFT)
+        if len(parts) == 1:
+            p = parts[0]
+            return bytes(p) if isinstance(p, bytearray) else p
+        return b"".join(parts)
+
+    async def lock_page(self, page: Page) -> None:
+        """Take a page lock for a trio task (async lock with hand-off; see Waiter)."""
+        await self._waiter.lock_page(page)
+
+    def unlock_page(self, page: Page) -> None:
+        self._wt.unlock_page(page)
+        self._shrink()
+
+    async def aclose(self) -> None:
+        """Stop: cancel backend reads in flight (their pages fail with EIO, waking every
+        waiter) and wait for them to finish. Does not close the device (its owner does)."""
+        self._closed = True
+        for cs in list(self._io_scopes):
+            cs.cancel()
+        if self.inflight_io:
+            self._idle = trio.Event()
+            with trio.CancelScope(shield=True):
+                await self._idle.wait()
+
+    # -- the step -----------------------------------------------------------------------
+    def _copy_prefix(
+        self,
+        off: int,
+        end: int,
+        parts: list[bytes | bytearray | memoryview],
+        markers: list[int] | None,
+    ) -> int:
+        """Copy the UPTODATE prefix of device range ``[off, end)`` into ``parts``; return
+        where it stopped. READAHEAD markers met are test-and-cleared into ``markers``."""
+        get = self._lru.pages.get
+        lru = self._lru
+        append = parts.append
+        idx = off >> PAGE_SHIFT
+        start_idx = idx
+        while off < end:
+            p = get(idx)
+            if p is None:
+                break
+            flags = p.flags
+            if not flags & PG_UPTODATE:
+                break
+            if flags & _SPECIAL:
+                if flags & PG_RA_UNUSED:
+                    self.readahead_used += 1
+                if flags & PG_READAHEAD and markers is not None:
+                    markers.append(idx)
+                    p.flags = flags = flags & ~(PG_RA_UNUSED | PG_READAHEAD)
+                else:
+                    p.flags = flags = flags & ~PG_RA_UNUSED
+            if p.lru != LRU_ACTIVE or not flags & PG_REFERENCED:
+                lru.mark_accessed(p)
+            base = idx << PAGE_SHIFT
+            if off == base and end - base >= PAGE_SIZE:
+                append(p.data)  # whole page (a short last page never gets here)
+                off = base + PAGE_SIZE
+            else:
+                pend = base + PAGE_SIZE
+                if pend > end:
+                    pend = end
+                append(memoryview(p.data)[off - base : pend - base])
+                off = pend
+            idx += 1
+        n = idx - start_idx
+        self.hits += n
+        return off
+
+    async def _read_slow(
+        self,
+        off: int,
+        end: int,
+        parts: list[bytes | bytearray | memoryview],
+        ctx: _FileCtx | None,
+        nowait: bool,
+    ) -> None:
+        """The WAITQ loop: step, and park only in a step that copied nothing."""
+        pages = self._lru.pages
+        markers: list[int] | None = [] if ctx is not None else None
+        first = True
+        while True:
+            if not first:
+                new_off = self._copy_prefix(off, end, parts, markers)
+                if len(pages) > self._lru.limit:
+                    self._shrink()  # pages pinned for this copy may be reclaimed now
+                if markers and ctx is not None:
+                    self._async_readahead(ctx, markers)
+                if new_off >= end:
+                    return
+                if new_off != off:
+                    off = new_off
+                    continue  # copied bytes: this step ends here (§4.8), the next may park
+            first = False
+            idx = off >> PAGE_SHIFT
+            page = pages.get(idx)
+            if page is None and ctx is not None and not ctx.ra_done:
+                ctx.ra_done = True
+                await self._sync_readahead(ctx, idx)
+                continue  # (this stop is counted below, when the step looks again)
+            self.misses += 1  # the page this read needs next is not UPTODATE
+            self._populate(idx, (end - 1) >> PAGE_SHIFT)
+            page = pages.get(idx)
+            if page is None or page.flags & PG_UPTODATE:
+                continue  # completed by the RWF_NOWAIT probe: copy it in this same step
+            if not page.flags & PG_LOCKED:
+                # !UPTODATE and unlocked: the seed's lock_page_async path, then read again.
+                await self._lock_and_retry(page)
+                continue
+            if nowait:
+                raise WouldBlockError(f"device page {idx} needs I/O")
+            if parts and (len(parts) > 1 or not isinstance(parts[0], bytearray)):
+                # Parked readers pin nothing: copy out what they have so far, so no page
+                # bytes stay referenced by a sleeping request (§4.14).
+                joined = bytearray().join(parts)
+                parts.clear()
+                parts.append(joined)
+            await self._wait_unlocked(page)
+
+    async def _wait_unlocked(self, page: Page) -> None:
+        """Park until ``page`` unlocks (``wait_on_page_locked_async``). EIO if its I/O
+        failed; the caller looks the page up again either way (§4.11)."""
+        entry = self._waiter.new_entry(exclusive=False)
+        if self._wt.wait_on_page_locked_async(page, entry):
+            return
+        await self._waiter.park(entry)
+        flags = entry.flags_at_wake
+        if flags & PG_ERROR and not flags & PG_UPTODATE:
+            raise DeviceIOError(
+                f"I/O error reading device bytes {page.index * PAGE_SIZE}"
+                f"..{page.index * PAGE_SIZE + PAGE_SIZE - 1}"
+            )
+
+    async def _lock_and_retry(self, page: Page) -> None:
+        """A page left !UPTODATE by a failed read: lock it (async), and if it is still
+        cached and still not UPTODATE, clear ERROR and read it again (§4.10)."""
+        await self._waiter.lock_page(page)
+        if self._lru.pages.get(page.index) is not page or page.flags & PG_UPTODATE:
+            self._wt.unlock_page(page)
+            return
+        page.flags &= ~PG_ERROR
+        self._submit([page])
+
+    def _populate(self, first: int, last: int) -> None:
+        """Create the missing pages of ``[first, last]`` LOCKED and submit one read per
+        contiguous run; also retry (trylock, clear ERROR) unlocked !UPTODATE pages."""
+        pages = self._lru.pages
+        last = min(last, (self._dev_size - 1) >> PAGE_SHIFT)
+        run: list[Page] = []
+        created = False
+        for idx in range(first, last + 1):
+            p = pages.get(idx)
+            if p is None:
+                p = Page(idx, PG_LOCKED)
+                self._lru.insert(p)
+                created = True
+                run.append(p)
+            elif not p.flags & (PG_UPTODATE | PG_LOCKED) and idx != first:
+                p.flags = (p.flags | PG_LOCKED) & ~PG_ERROR
+                run.append(p)
+            else:
+                if run:
+                    self._submit(run)
+                    run = []
+                continue
+            if len(run) >= MAX_IO_PAGES:
+                self._submit(run)
+                run = []
+        if run:
+            self._submit(run)
+        if created:
+            # The page this read needs next may have completed synchronously (RWF_NOWAIT
+            # probe): pin it so reclaim cannot undo the step's progress.
+            head = pages.get(first)
+            if head is not None:
+                head.refcount += 1
+                self._shrink()
+                head.refcount -= 1
+            else:  # pragma: no cover - `first` was just created or already present
+                self._shrink()
+
+    # -- readahead ----------------------------------------------------------------------
+    async def _sync_readahead(self, ctx: _FileCtx, dev_idx: int) -> None:
+        index = ctx.file_page(dev_idx)
+        win = ctx.ra.ondemand(
+            index, ctx.req_last - index + 1, hit_marker=False, eof_pages=ctx.eof_pages
+        )
+        if win is not None and win.size:
+            await self._submit_window(ctx, win)
+
+    def _async_readahead(self, ctx: _FileCtx, markers: list[int]) -> None:
+        """A marker was hit: start the next window without waiting for its I/O. Mapping the
+        window may itself need metadata reads, so it runs as its own system task."""
+        index = ctx.file_page(markers[-1])
+        markers.clear()
+        win = ctx.ra.ondemand(index, 1, hit_marker=True, eof_pages=ctx.eof_pages)
+        if win is None or not win.size:
+            return
+        trio.lowlevel.spawn_system_task(
+            self._readahead_task, ctx, win, name="asyncfs-readahead"
+        )
+
+    async def _readahead_task(self, ctx: _FileCtx, win: ReadaheadWindow) -> None:
+        try:
+            await self._submit_window(ctx, win)
+        except (trio.Cancelled, AsyncfsError) as e:
+            # Readahead is a hint: a bad extent or a failing device is reported to the
+            # reader that actually needs the bytes, not here.
+            log.debug("readahead of file pages %d+%d dropped: %s", win.start, win.size, e)
+        except Exception:  # a readahead failure must never take the loop down
+            log.exception("readahead of file pages %d+%d failed", win.start, win.size)
+
+    async def _submit_window(self, ctx: _FileCtx, win: ReadaheadWindow) -> None:
+        """Map file pages ``win`` onto the device and read the missing ones, one I/O per
+        contiguous device run; the marker goes on its page only if this window created it."""
+        if self._closed:
+            return
+        runs = await ctx.fmap.map(win.start << PAGE_SHIFT, win.size << PAGE_SHIFT)
+        pages = self._lru.pages
+        last_dev = (self._dev_size - 1) >> PAGE_SHIFT
+        want: dict[int, bool] = {}  # dev page -> is readahead (outside the request)
+        marker_dev: int | None = None
+        for run in runs:
+            if run.dev_off is None or run.length <= 0:
+                continue
+            d0 = run.dev_off
+            if d0 < 0 or d0 + run.length > self._dev_size:
+                continue
+            if win.marker is not None:
+                mb = win.marker << PAGE_SHIFT
+                if run.file_off <= mb < run.file_off + run.length:
+                    marker_dev = (d0 + mb - run.file_off) >> PAGE_SHIFT
+            hi = min((d0 + run.length - 1) >> PAGE_SHIFT, last_dev)
+            for idx in range(d0 >> PAGE_SHIFT, hi + 1):
+                fpage = (run.file_off + max(idx << PAGE_SHIFT, d0) - d0) >> PAGE_SHIFT
+                is_ra = not ctx.req_first <= fpage <= ctx.req_last
+                want[idx] = want.get(idx, True) and is_ra
+        if not want:
+            return
+        run_pages: list[Page] = []
+        created = 0
+        prev = -2
+        for idx in sorted(want):
+            if idx in pages:
+                continue
+            p = Page(idx, PG_LOCKED | (PG_RA_UNUSED if want[idx] else 0))
+            if want[idx]:
+                self.readahead_pages += 1
+            if idx == marker_dev:
+                p.flags |= PG_READAHEAD
+            self._lru.insert(p)
+            created += 1
+            if run_pages and (idx != prev + 1 or len(run_pages) >= MAX_IO_PAGES):
+                self._submit(run_pages)
+                run_pages = []
+            run_pages.append(p)
+            prev = idx
+        if run_pages:
+            self._submit(run_pages)
+        if created:
+            self._shrink()
+
+    # -- backend I/O --------------------------------------------------------------------
+    def _submit(self, pages: list[Page]) -> None:
+        """Start one backend read for contiguous LOCKED pages (a system task: a reader's
+        cancellation must not cancel I/O that others wait on).
+
+        First the non-blocking probe (``preadv2(RWF_NOWAIT)`` in buffered backends): if the
+        host already caches the bytes, the pages complete right here, with no task, park or
+        wake. The completion then skips reclaim; the caller reclaims once its own page is
+        pinned, so a request larger than the cache still makes progress."""
+        self.inflight_io += 1
+        self.backend_reads += 1
+        if not self._closed:
+            off = pages[0].index << PAGE_SHIFT
+            length = min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+            got = self._dev.read_nowait(off, length)
+            if got is not None and len(got) == length:
+                self.backend_nowait_reads += 1
+                self._complete(pages, got, None, off, length, reclaim=False)
+                return
+        trio.lowlevel.spawn_system_task(self._io_task, pages, name="asyncfs-pageio")
+
+    async def _io_task(self, pages: list[Page]) -> None:
+        off = pages[0].index << PAGE_SHIFT
+        length = min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+        buf: bytes | None = None
+        err: str | None = None
+        try:
+            if self._closed:
+                err = "page cache closed"
+            else:
+                with trio.CancelScope() as cs:
+                    self._io_scopes.add(cs)
+                    try:
+                        got = await self._dev.read(off, length)
+                    finally:
+                        self._io_scopes.discard(cs)
+                if cs.cancelled_caught:
+                    err = "read cancelled (page cache closing)"
+                elif len(got) != length:
+                    err = f"short read: {len(got)} of {length} bytes at {off}"
+                else:
+                    buf = got if isinstance(got, bytes) else bytes(got)
+        except DeviceIOError as e:
+            err = str(e)
+        except trio.Cancelled:
+            err = "read cancelled"
+        except Exception as e:  # backend bug: fail these pages, keep the loop alive
+            log.exception("backend read at %d failed", off)
+            err = f"{type(e).__name__}: {e}"
+        finally:
+            self._complete(pages, buf, err, off, length)
+
+    def _complete(
+        self,
+        pages: list[Page],
+        buf: bytes | None,
+        err: str | None,
+        off: int,
+        length: int,
+        *,
+        reclaim: bool = True,
+    ) -> None:
+        """``end_page_read``: set exactly one of UPTODATE/ERROR, unlock, wake (§4.10)."""
+        self.inflight_io -= 1
+        wt = self._wt
+        if buf is not None:
+            self.backend_bytes += length
+            mv = memoryview(buf)
+            for i, p in enumerate(pages):
+                chunk = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
+                p.data = buf if len(pages) == 1 else bytes(chunk)
+                p.flags = (p.flags & ~PG_ERROR) | PG_UPTODATE
+                wt.unlock_page(p)
+        else:
+            if err:
+                log.debug("device read at %d+%d failed: %s", off, length, err)
+            for p in pages:
+                p.flags = (p.flags | PG_ERROR) & ~(PG_READAHEAD | PG_RA_UNUSED)
+                wt.unlock_page(p)
+        if reclaim:
+            self._shrink()
+        if self._idle is not None and not self.inflight_io:
+            self._idle.set()
+
+    def _shrink(self) -> None:
+        lru = self._lru
+        if len(lru.pages) > lru.limit:
+            lru.shrink()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DeviceIOError("the page cache is closed")

@@ -1,0 +1,107 @@
+"""A fault-injecting BlockDevice wrapper for tests and benchmarks: per-read latency (fixed or
+random), EIO for reads touching chosen byte ranges, and a stall the test releases.
+"""
+
+from __future__ import annotations
+
+import random
+
+import trio
+
+from asyncfs.errors import DeviceIOError, UsageError
+from asyncfs.io.device import BlockDevice
+
+
+def parse_latency(text: str) -> tuple[float, float]:
+    """``-o latency=`` value: ``MS`` (fixed) or ``LO-HI`` (uniform) -> (latency_ms, jitter_ms)."""
+    try:
+        if "-" in text:
+            lo_s, hi_s = text.split("-", 1)
+            lo, hi = float(lo_s), float(hi_s)
+        else:
+            lo = hi = float(text)
+    except ValueError:
+        raise UsageError(f"latency={text}: expected MS or LO-HI in milliseconds") from None
+    if lo < 0 or hi < lo:
+        raise UsageError(f"latency={text}: expected 0 <= LO <= HI")
+    return lo, hi - lo
+
+
+class FaultyDevice:
+    """Wraps ``inner``; each read sleeps ``latency_ms`` plus uniform ``[0, latency_jitter_ms)``,
+    fails with DeviceIOError if it touches any ``eio_ranges`` entry ``(start, end)`` (half-open
+    device byte range), and waits while the device is stalled."""
+
+    def __init__(
+        self,
+        inner: BlockDevice,
+        *,
+        latency_ms: float = 0,
+        latency_jitter_ms: float = 0,
+        eio_ranges: list[tuple[int, int]] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.inner = inner
+        self.latency_ms = latency_ms
+        self.latency_jitter_ms = latency_jitter_ms
+        self._eio: list[tuple[int, int]] = list(eio_ranges or [])
+        self._rng = random.Random(seed)
+        self._released = trio.Event()
+        self._released.set()
+        self.reads = 0  # reads asked of this device (tests count backend traffic with it)
+        self.stalled_readers = 0
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def add_eio_range(self, start: int, end: int) -> None:
+        self._eio.append((start, end))
+
+    def clear_eio_ranges(self) -> None:
+        self._eio.clear()
+
+    def stall(self) -> None:
+        """Reads issued from now on wait (after their latency) until ``release()``."""
+        if self._released.is_set():
+            self._released = trio.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    @property
+    def is_stalled(self) -> bool:
+        return not self._released.is_set()
+
+    def _touches_eio(self, offset: int, length: int) -> bool:
+        end = offset + max(length, 1)
+        return any(offset < e and s < end for s, e in self._eio)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self.reads += 1
+        released = self._released
+        delay = self.latency_ms
+        if self.latency_jitter_ms:
+            delay += self._rng.uniform(0, self.latency_jitter_ms)
+        if delay:
+            await trio.sleep(delay / 1000)
+        if not released.is_set():
+            self.stalled_readers += 1
+            try:
+                await released.wait()
+            finally:
+                self.stalled_readers -= 1
+        if self._touches_eio(offset, length):
+            raise DeviceIOError(f"read of {length} bytes at {offset} failed: EIO (injected)")
+        return await self.inner.read(offset, length)
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        if self.latency_ms or self.latency_jitter_ms or self.is_stalled:
+            return None
+        if self._touches_eio(offset, length):
+            return None
+        return self.inner.read_nowait(offset, length)
+
+    async def aclose(self) -> None:
+        self.release()
+        await self.inner.aclose()

@@ -1,0 +1,81 @@
+"""What every local-file backend shares: the open image, the window it serves, bounds checks,
+O_DIRECT alignment arithmetic and the ``RWF_NOWAIT`` probe.
+
+A backend serves the byte window ``[base, base + size)`` of the image file as device offsets
+``[0, size)``; with O_DIRECT it widens each read to 4 KiB-aligned file offsets and copies the
+asked-for bytes out, so partitions at any byte offset (MBR sector 63) work.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from asyncfs.errors import DeviceIOError
+from asyncfs.io.buffers import AlignedPool, align_down, align_up
+
+
+def describe_oserror(err: OSError) -> str:
+    code = err.errno if err.errno is not None else errno.EIO
+    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
+
+
+class FileDeviceBase:
+    """Bounds, alignment and the non-blocking probe; subclasses supply ``read``/``aclose``."""
+
+    backend_name = "file"
+
+    def __init__(self, fd: int, *, base: int, size: int, direct: bool, path: str) -> None:
+        self._fd = fd
+        self._base = base
+        self._size = size
+        self.direct = direct
+        self.path = path
+        self._pool = AlignedPool()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise DeviceIOError(f"read of {length} bytes at {offset}: device {self.path} is closed")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise DeviceIOError(
+                f"read of {length} bytes at {offset} is past the end of {self.path}"
+                f" ({self._size} bytes)"
+            )
+
+    def _span(self, offset: int, length: int) -> tuple[int, int, int]:
+        """(file offset to read at, bytes to read, where the wanted bytes start in the buffer)."""
+        pos = self._base + offset
+        if not self.direct:
+            return pos, length, 0
+        start = align_down(pos)
+        return start, align_up(pos + length) - start, pos - start
+
+    def _io_error(self, offset: int, length: int, why: str) -> DeviceIOError:
+        return DeviceIOError(f"read of {length} bytes at {offset} of {self.path} failed: {why}")
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """The bytes if the host page cache holds them all (buffered mode only), else None."""
+        if self.direct or self._closed or length <= 0:
+            return None
+        if offset < 0 or offset + length > self._size:
+            return None
+        buf = bytearray(length)
+        try:
+            got = os.preadv(self._fd, [buf], self._base + offset, os.RWF_NOWAIT)
+        except OSError:
+            return None  # EAGAIN (not cached) or a real error the blocking read will report
+        return bytes(buf) if got == length else None
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,311 @@
+"""io_uring backend: many reads in flight from one trio thread, no worker threads.
+
+A reader prepares an SQE and parks. A trio Instrument does the ring work once per scheduler
+pass: ``before_io_wait`` (just before trio polls) submits every SQE prepared during the pass
+with one ``io_uring_enter``; ``after_io_wait`` reaps every ready CQE and reschedules the
+readers. The ring fd itself is in trio's poll set (a system task waits on it with
+``trio.lowlevel.wait_readable``; it is readable while CQEs wait), so completions arriving while
+trio sleeps wake it. No eventfd, no extra syscall per completion.
+
+A reader cancelled while its read is in flight leaves at once; its op (and the buffer the
+kernel writes into) stays in ``_ops`` until the CQE arrives, so the ring never points at
+freed memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from typing import Any
+
+import liburing as lu
+import outcome
+import trio
+
+from asyncfs.errors import DeviceIOError
+from asyncfs.io.buffers import Buffer
+from asyncfs.io.filedev import FileDeviceBase
+
+log = logging.getLogger(__name__)
+
+_RETRY = (-errno.EAGAIN, -errno.EINTR)
+_DRAIN_SECONDS = 10.0
+
+
+class UringUnavailable(Exception):
+    """The ring could not be set up (disabled by sysctl or seccomp, or no kernel support)."""
+
+
+class _Op:
+    """One device read: the file span it covers and how much of it has arrived."""
+
+    __slots__ = ("buf", "done", "iov", "length", "lo", "need", "offset", "pos", "task", "want")
+
+    def __init__(
+        self, task: trio.lowlevel.Task, buf: Buffer, pos: int, want: int, lo: int, offset: int,
+        length: int,
+    ) -> None:
+        self.task: trio.lowlevel.Task | None = task
+        self.buf = buf
+        self.iov: Any = None
+        self.pos = pos
+        self.want = want
+        self.lo = lo
+        self.need = lo + length
+        self.done = 0
+        self.offset = offset
+        self.length = length
+
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        # The reader goes; the op stays registered until its CQE so the buffer outlives the I/O.
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class _SubmitOnIdle(trio.abc.Instrument):
+    """Flushes the device's prepared SQEs once per scheduler pass (see the module docstring)."""
+
+    def __init__(self, dev: UringDevice) -> None:
+        self.dev = dev
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            # trio is about to sleep: only submit. Reads that complete inline leave CQEs that
+            # keep the ring fd readable, so the poll returns at once and after_io_wait reaps.
+            self.dev._pump(reap=False)
+        else:
+            self.dev._pump()
+
+    def after_io_wait(self, timeout: float) -> None:
+        # Completions that woke the poll go to their readers in this same pass, one scheduler
+        # pass before the reaper task itself would run.
+        self.dev._pump()
+
+
+class UringDevice(FileDeviceBase):
+    """A window of the image file read through one io_uring (at most ``depth`` reads in flight)."""
+
+    backend_name = "uring"
+
+    def __init__(
+        self, fd: int, *, base: int, size: int, direct: bool, path: str, depth: int = 128
+    ) -> None:
+        super().__init__(fd, base=base, size=size, direct=direct, path=path)
+        self._depth = depth
+        self._ring = lu.Ring()
+        self._cqe = lu.Cqe()
+        try:
+            lu.io_uring_queue_init(depth, self._ring, 0)
+        except OSError as err:
+            raise UringUnavailable(f"io_uring_queue_init: {err}") from None
+        self._ring_fd = self._ring.ring_fd
+        self._ops: dict[int, _Op] = {}
+        self._next_id = 1
+        self._unsubmitted = 0
+        self._slots = trio.lowlevel.ParkingLot()
+        self._reaper_scope = trio.CancelScope()
+        self._reaper_done = trio.Event()
+        self._instrument: _SubmitOnIdle | None = None
+        self._failed: str | None = None
+        self.peak_in_flight = 0  # most reads ever submitted and not yet completed (a statistic)
+
+    @classmethod
+    async def create(
+        cls, fd: int, *, base: int, size: int, direct: bool, path: str, depth: int = 128
+    ) -> UringDevice:
+        dev = cls(fd, base=base, size=size, direct=direct, path=path, depth=depth)
+        trio.lowlevel.spawn_system_task(dev._reaper, name=f"asyncfs-uring-reaper:{path}")
+        dev._instrument = _SubmitOnIdle(dev)
+        trio.lowlevel.add_instrument(dev._instrument)
+        await trio.lowlevel.checkpoint()
+        return dev
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._ops)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        if length == 0:
+            await trio.lowlevel.checkpoint()
+            return b""
+        while False:
+            await self._slots.park()
+            self._check(offset, length)
+        if self._failed is not None:
+            raise DeviceIOError(self._failed)
+        pos, want, lo = self._span(offset, length)
+        op = _Op(trio.lowlevel.current_task(), self._pool.get(want), pos, want, lo, offset,
+                 length)
+        op_id = self._next_id
+        self._next_id = op_id + 1
+        try:
+            self._prep(op_id, op)
+        except OSError as err:
+            raise self._io_error(offset, length, f"io_uring: {err}") from None
+        self._ops[op_id] = op
+        if self._instrument is None:
+            self._flush()
+        result: bytes = await trio.lowlevel.wait_task_rescheduled(op.abort)
+        return result
+
+    def _prep(self, op_id: int, op: _Op) -> None:
+        buf = op.buf
+        # Build the iovec before taking an SQE: a taken SQE is submitted at the next flush
+        # whatever it holds, so nothing may fail between get_sqe and prep.
+        if op.done == 0 and op.want == len(buf.mm):
+            if buf.iov is None:
+                buf.iov = lu.Iovec([buf.view])
+            iov = buf.iov
+        else:
+            iov = lu.Iovec([buf.view[op.done : op.want]])
+        sqe = lu.io_uring_get_sqe(self._ring)
+        if sqe is None:  # SQ full of prepared entries: push them and retry once
+            self._flush()
+            sqe = lu.io_uring_get_sqe(self._ring)
+            if sqe is None:
+                raise OSError(errno.EBUSY, "submission queue full")
+        op.iov = iov
+        lu.io_uring_prep_readv(sqe, self._fd, iov, op.pos + op.done)
+        lu.io_uring_sqe_set_data64(sqe, op_id)
+        self._unsubmitted += 1
+
+    def _flush(self) -> None:
+        if self._unsubmitted:
+            self._unsubmitted = 0
+            if len(self._ops) > self.peak_in_flight:
+                self.peak_in_flight = len(self._ops)
+            lu.io_uring_submit(self._ring)
+
+    def _pump(self, reap: bool = True) -> int:
+        """Submit what this scheduler pass prepared and (if ``reap``) hand ready completions to
+        their readers; the number of CQEs reaped. Never raises: trio drops an instrument whose
+        hook raises."""
+        try:
+            self._flush()
+            if not reap:
+                return 0
+            n = self._reap()
+            self._flush()  # short reads resubmitted by _reap
+        except Exception as exc:
+            if self._failed is None:  # log once, not on every scheduler pass
+                log.exception("io_uring submit/reap failed")
+            self._fail_all(f"io_uring backend failed: {exc}")
+            return 1
+        return n
+
+    async def _reaper(self) -> None:
+        """Keeps the ring fd in trio's poll set: it is readable while CQEs wait, so completions
+        that arrive while trio sleeps wake it (the reaping itself mostly happens in the
+        after_io_wait hook, before this task runs)."""
+        try:
+            with self._reaper_scope:
+                while True:
+                    await trio.lowlevel.wait_readable(self._ring_fd)
+                    self._pump()
+                    if self._failed is not None:
+                        return
+        finally:
+            self._reaper_done.set()
+
+    def _reap(self) -> int:
+        ring, cqe = self._ring, self._cqe
+        done: list[tuple[int, int]] = []
+        for _ in lu.CqeIter(ring, cqe):
+            entry = cqe[0]
+            try:
+                res = entry.res or 0
+            except OSError as err:  # the wheel raises for negative results
+                res = -(err.errno or errno.EIO)
+            done.append((entry.user_data, res))
+        if not done:
+            return 0
+        lu.io_uring_cq_advance(ring, len(done))
+        for op_id, res in done:
+            self._complete(op_id, res)
+        if self._slots:
+            self._slots.unpark(count=len(done))
+        return len(done)
+
+    def _complete(self, op_id: int, res: int) -> None:
+        op = self._ops.get(op_id)
+        if op is None:
+            return
+        error: str | None = None
+        if res > 0:
+            op.done += res
+            if op.done < op.need:
+                error = self._resubmit(op_id, op)
+                if error is None:
+                    return
+        elif res == 0:
+            if op.done < op.need:
+                error = "image ends early (truncated or removed?)"
+        elif res in _RETRY:
+            error = self._resubmit(op_id, op)
+            if error is None:
+                return
+        else:
+            error = f"{errno.errorcode.get(-res, str(-res))} ({os.strerror(-res)})"
+        del self._ops[op_id]
+        buf = op.buf
+        op.iov = None
+        task = op.task
+        if task is None:  # the reader was cancelled: only the buffer was waiting for this
+            self._pool.put(buf)
+        elif error is not None:
+            self._pool.put(buf)
+            exc = self._io_error(op.offset, op.length, error)
+            trio.lowlevel.reschedule(task, outcome.Error(exc))
+        else:
+            data = bytes(buf.view[op.lo : op.need])
+            self._pool.put(buf)
+            trio.lowlevel.reschedule(task, outcome.Value(data))
+
+    def _resubmit(self, op_id: int, op: _Op) -> str | None:
+        if self._failed is not None:
+            return self._failed
+        try:
+            self._prep(op_id, op)
+        except OSError as err:
+            return f"resubmit: {err}"
+        return None
+
+    def _fail_all(self, why: str) -> None:
+        """Wake every reader with an error. Ops still in the kernel stay in ``_ops`` (their
+        buffers referenced) until the ring is torn down."""
+        self._failed = why
+        for op in self._ops.values():
+            if op.task is not None:
+                task, op.task = op.task, None
+                trio.lowlevel.reschedule(task, outcome.Error(DeviceIOError(why)))
+        self._slots.unpark_all()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._slots.unpark_all()
+        with trio.move_on_after(_DRAIN_SECONDS):
+            while self._ops and not self._reaper_done.is_set():
+                await trio.sleep(0.001)
+        if self._ops:
+            self._fail_all(f"device {self.path} closed with reads in flight")
+        if self._instrument is not None:
+            trio.lowlevel.remove_instrument(self._instrument)
+            self._instrument = None
+        self._reaper_scope.cancel()
+        await self._reaper_done.wait()
+        self._teardown_ring()
+        self._ops.clear()
+        self._close_fd()
+
+    def _teardown_ring(self) -> None:
+        # RuntimeError outside trio: set-up failed before the loop ever watched the fd.
+        with contextlib.suppress(RuntimeError):
+            trio.lowlevel.notify_closing(self._ring_fd)
+        # io_uring_queue_exit waits for or cancels anything still in flight, after which no
+        # buffer is a target any more.
+        lu.io_uring_queue_exit(self._ring)

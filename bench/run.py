@@ -1,0 +1,485 @@
+"""The one benchmark command (issue 6): build the image, run every target side by side, report.
+
+    sudo .venv/bin/python bench/run.py            # full matrix, ~8-12 min, writes docs/
+    sudo .venv/bin/python bench/run.py --quick    # reduced matrix, ~2-3 min, for development
+
+Order: workload outer, target inner, so all targets of one cell run minutes apart under the same
+machine load. "cold" = image fsync'ed and fadvise(DONTNEED)'ed, host caches dropped, target
+freshly mounted; "warm" = a second pass on the same mount. A target that cannot run (asyncfs
+not built yet, no root for the loop mount) is reported as "not available: <reason>" and the run
+goes on. Every mount and loop device is removed on exit, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repo, on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from bench import image as img  # noqa: E402
+from bench.plots import write_plots  # noqa: E402
+from bench.report import (  # noqa: E402
+    MIB,
+    FioError,
+    Measurement,
+    Results,
+    RunInfo,
+    issue_checks,
+    render_markdown,
+)
+from bench.targets import (  # noqa: E402
+    AsyncfsTarget,
+    Fuse2fsTarget,
+    HungError,
+    KernelLoopTarget,
+    Mounted,
+    MountError,
+    RawTarget,
+    Target,
+    abort_fuse,
+    call_with_timeout,
+    cleanup_all,
+    cleanup_stale,
+)
+from bench.workloads import (  # noqa: E402
+    fio_cell,
+    random_job,
+    sequential_job,
+    small_files,
+    warm_up,
+)
+
+MEMORY_CAP_S = 90.0  # the 2 GiB stream at >= 23 MiB/s; keeps a slow build inside the budget
+WARM_UP_TIMEOUT_S = 300.0  # 1 GiB through the slowest target; beyond this the mount is hung
+Cell = tuple[str, str, int, Callable[[Mounted], Measurement]]  # workload, phase, jobs, measure
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to run. ``quick`` trims jobs, runtimes and spans, never the workload kinds."""
+
+    quick: bool
+    rand_jobs: tuple[int, ...]
+    warm_jobs: tuple[int, ...]
+    rand_runtime_s: float
+    warm_span: int | None  # bytes of rand.bin warmed and read warm (None: all of it)
+    seq_cap_s: float
+    scaling_readers: tuple[int, ...]
+    scaling_runtime_s: float
+    scaling_cache: str
+    mem_span: int | None
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(True, (32,), (8,), 2.0, 256 * MIB, 3.0, (1, 8, 32), 2.0, "16M", 512 * MIB)
+        return cls(False, (1, 8, 32), (1, 8, 32), 5.0, None, 25.0,
+                   (1, 2, 4, 8, 16, 32, 64), 4.0, "16M", None)
+
+
+class Log:
+    def __init__(self, path: Path | None) -> None:
+        self.t0 = time.monotonic()
+        self.f = open(path, "a") if path else None  # noqa: SIM115 - lives as long as the run
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.monotonic() - self.t0:6.1f}s] {msg}"
+        print(line, flush=True)
+        if self.f:
+            self.f.write(line + "\n")
+            self.f.flush()
+
+
+class Runner:
+    """Runs cells: mounts fresh when cold, records a Measurement (or the reason) for each."""
+
+    def __init__(self, results: Results, image: Path, log: Log) -> None:
+        self.results = results
+        self.image = image
+        self.log = log
+        self.unavailable: dict[str, str] = {}
+
+    def cold(self) -> None:
+        warn = img.drop_caches(self.image)
+        if warn and warn not in self.results.info.notes:
+            self.results.info.notes.append(warn)
+
+    def session(
+        self,
+        target: Target,
+        cells: Sequence[Cell],
+        extra: Sequence[str] = (),
+        cold: bool = True,
+    ) -> None:
+        """One fresh mount, then each (workload, phase, jobs, measure) cell in order."""
+        reason = self.unavailable.get(target.key)
+        if reason is None:
+            reason = target.unavailable()
+        if reason is not None:
+            for w, p, j, _ in cells:
+                self.results.add(Measurement(w, target.key, p, j, error=reason))
+            return
+        self.results.info.mount_options.setdefault(target.key, target.options(extra))
+        if cold:
+            self.cold()
+        try:
+            with target.mounted(extra) as m:
+                broken: str | None = None
+                for w, p, j, measure in cells:
+                    if broken is not None:
+                        self.results.add(Measurement(w, target.key, p, j, error=broken))
+                        continue
+                    try:
+                        meas = measure(m)
+                    except HungError as exc:
+                        broken = f"mount aborted after a hang: {exc}"
+                        meas = Measurement(w, target.key, p, j, error=str(exc))
+                    except (FioError, OSError, subprocess.SubprocessError) as exc:
+                        meas = Measurement(w, target.key, p, j, error=f"{exc}"[:300])
+                    except Exception as exc:  # a harness bug must cost one cell, not the run
+                        meas = Measurement(w, target.key, p, j,
+                                           error=f"{type(exc).__name__}: {exc}"[:300])
+                    meas.note = (meas.note + f"; options {m.options}").strip("; ")
+                    self.results.add(meas)
+                    self.log(f"  {target.key:18} {w}/{p}/{j}: {_brief(meas)}")
+        except Exception as exc:  # mount or unmount failed; the other targets still run
+            what = "mount" if isinstance(exc, MountError) else type(exc).__name__
+            for w, p, j, _ in cells:
+                if self.results.get(w, target.key, p, j) is None:
+                    self.results.add(Measurement(w, target.key, p, j, error=f"{what}: {exc}"))
+            self.log(f"  {target.key:18} {what} failed: {exc}")
+
+    @staticmethod
+    def hang(m: Mounted) -> Callable[[], None]:
+        return lambda: abort_fuse(m)
+
+
+def _brief(m: Measurement) -> str:
+    if m.error:
+        return f"NOT MEASURED: {m.error}"
+    parts = []
+    if m.iops is not None and m.workload in ("rand4k", "scaling"):
+        parts.append(f"{m.iops:,.0f} IOPS")
+    if m.mib_s is not None and m.workload in ("seq1m", "memory"):
+        parts.append(f"{m.mib_s:,.1f} MiB/s")
+    if m.workload == "smallfiles" and m.seconds is not None:
+        parts.append(f"{m.seconds:.2f} s")
+    if m.cpu_s is not None:
+        parts.append(f"cpu {m.cpu_s:.2f} s")
+    if m.rss_peak_mib is not None:
+        parts.append(f"rss {m.rss_peak_mib:.0f} MiB")
+    return ", ".join(parts)
+
+
+def _version(argv: Sequence[str], pick: int = 0) -> str:
+    try:
+        r = subprocess.run(list(argv), capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    # Some tools print their banner on stderr: stderr first, in the order a terminal shows.
+    lines = [ln.strip() for ln in (r.stderr + "\n" + r.stdout).splitlines() if ln.strip()]
+    return lines[pick] if len(lines) > pick else "unknown"
+
+
+def machine_info(asyncfs_exe: Path) -> dict[str, str]:
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import matplotlib
+
+    git = _version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    asyncfs = (_version([str(asyncfs_exe), "--version"]) if asyncfs_exe.exists()
+               else "not installed")
+    disk = _version(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", str(ROOT)])
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu model": model,
+        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fio": _version(["fio", "--version"]),
+        "fuse2fs": _version(["fuse2fs", "-V"]) + ", " + _version(["fuse2fs", "-V"], 1),
+        "e2fsprogs": _version(["mke2fs", "-V"]),
+        "fusermount3": _version(["fusermount3", "-V"]),
+        "matplotlib": matplotlib.__version__,
+        "asyncfs": f"{asyncfs} (git {git})",
+        "disk": disk,
+        "load average at start": _loadavg(),
+    }
+
+
+def _loadavg() -> str:
+    """The 1/5/15-minute load: on a shared 2-core machine, the first thing to judge noise by."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="reduced matrix (~2-3 min)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs",
+                    help="where benchmarks-results.md and bench-*.png go (default docs/)")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out",
+                    help="image, mount points and raw fio output (default bench/out/)")
+    ap.add_argument("--asyncfs", type=Path, default=ROOT / ".venv" / "bin" / "asyncfs")
+    ap.add_argument("--targets", default="asyncfs-async,asyncfs-threads,fuse2fs,kernel,raw",
+                    help="comma list of main-matrix targets")
+    ap.add_argument("--skip", default="", help="comma list of workloads to skip: "
+                    "rand4k,seq1m,warm,smallfiles,scaling,memory")
+    ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
+                    help="re-render the report from a results.json, measure nothing")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.report_only:
+        results = Results.from_json(args.report_only.read_text())
+        write_report(results, args.out)
+        return 0
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_dir = args.work / "runs" / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = Log(run_dir / "run.log")
+    results = Results(RunInfo(
+        command=shlex.join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        started=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        quick=args.quick,
+    ))
+    t0 = time.monotonic()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    status = 0
+    try:
+        run_matrix(args, results, run_dir, log)
+    except KeyboardInterrupt:
+        status = 130
+        results.info.notes.append("run interrupted: the tables are partial")
+        log("interrupted; cleaning up")
+    except Exception as exc:  # e.g. the image cannot be built: report what there is
+        status = 1
+        results.info.notes.append(f"run failed: {type(exc).__name__}: {exc}")
+        log(f"run failed: {type(exc).__name__}: {exc}")
+    finally:
+        # A second Ctrl-C must not cut the cleanup short and leave mounts behind.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        for p in cleanup_all():
+            log(f"cleanup problem: {p}")
+        results.info.duration_s = time.monotonic() - t0
+        results.info.machine["load average at end"] = _loadavg()
+        (run_dir / "results.json").write_text(results.to_json())
+        shutil.copyfile(run_dir / "results.json", args.work / "last-results.json")
+    try:
+        write_report(results, args.out)
+    except Exception as exc:  # the numbers are safe in results.json; say so and go on
+        log(f"report failed ({type(exc).__name__}: {exc}); rerun with --report-only "
+            f"{run_dir / 'results.json'}")
+        status = status or 1
+    log(f"results: {args.out / 'benchmarks-results.md'} (raw: {run_dir})")
+    for c in issue_checks():
+        row = c.evaluate(results)
+        v = "—" if row.measured is None else f"{row.measured:.2f}"
+        log(f"  {row.status:5} {row.label}: {v} (target {row.target})")
+    return status
+
+
+def write_report(results: Results, out: Path) -> None:
+    plots = write_plots(results, out)
+    (out / "benchmarks-results.md").write_text(render_markdown(results, plots))
+
+
+def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: Log) -> None:
+    plan = Plan.make(args.quick)
+    info = results.info
+    info.machine = machine_info(args.asyncfs)
+    if os.geteuid() != 0:
+        info.notes.append("not run as root: no kernel loop mount, cold runs only fadvise")
+    work: Path = args.work
+    man = img.build_image(work, log=log)
+    info.image = {
+        "file": f"{man.image} ({man.image_size / MIB:,.0f} MiB, ext4 by mke2fs -d)",
+        "content": f"big.bin 2 GiB + rand.bin 1 GiB (incompressible), tree/ {man.tree_files} "
+                   f"files, {man.tree_bytes / MIB:.1f} MiB",
+    }
+    mnt_base = work / "mnt"
+    image = Path(man.image)
+    for msg in cleanup_stale(mnt_base, image):
+        log(msg)
+
+    def asyncfs(key: str, *opts: str) -> AsyncfsTarget:
+        return AsyncfsTarget(key, image, mnt_base, args.asyncfs, opts)
+
+    main_targets: dict[str, Target] = {
+        "asyncfs-async": asyncfs("asyncfs-async", "wait=async"),
+        "asyncfs-threads": asyncfs("asyncfs-threads", "wait=threads"),
+        "fuse2fs": Fuse2fsTarget("fuse2fs", image, mnt_base, ["ro"]),
+        "kernel": KernelLoopTarget("kernel", image, mnt_base, ["ro"]),
+        "raw": RawTarget("raw", image, mnt_base),
+    }
+    chosen = [t for t in args.targets.split(",") if t]
+    unknown = [t for t in chosen if t not in main_targets]
+    if unknown:
+        raise SystemExit(f"unknown targets: {', '.join(unknown)}")
+    targets = [main_targets[k] for k in chosen]
+    skip = set(args.skip.split(","))
+    r = Runner(results, image, log)
+
+    for t in targets:
+        reason = t.unavailable()
+        if reason is None and isinstance(t, AsyncfsTarget):
+            log(f"probing {t.key}: {' '.join(t.command(t.options()))}")
+            img.drop_caches(image)
+            reason = t.probe(man.big)
+            if reason is None and not t.pid_found:
+                info.notes.append(f"{t.key}: no process has the mount point in its argv, "
+                                  "so its CPU time and RSS are not reported")
+        info.availability[t.key] = reason or "ok"
+        info.mount_options[t.key] = t.options()
+        if reason:
+            r.unavailable[t.key] = reason
+        log(f"target {t.key}: {reason or 'ok'}")
+    async_reason = r.unavailable.get("asyncfs-async") or main_targets["asyncfs-async"].unavailable()
+
+    def rand_cell(phase: str, jobs: int, span: int | None = None, warm_first: bool = False
+                  ) -> Cell:
+        def measure(m: Mounted) -> Measurement:
+            note = ""
+            if warm_first:
+                assert m.root is not None
+                path = m.root / man.rand.path
+                secs = call_with_timeout(lambda: warm_up(path, span or man.rand.size),
+                                         WARM_UP_TIMEOUT_S, r.hang(m))
+                note = f"warm-up read {secs:.1f} s; "
+            job = random_job(m, man.rand, f"{m.target}-rand-{phase}-{jobs}", jobs,
+                             plan.rand_runtime_s, span=span)
+            meas = fio_cell(m, job, "rand4k", phase, run_dir, r.hang(m))
+            meas.note = note + meas.note
+            return meas
+        return ("rand4k", phase, jobs, measure)
+
+    def seq_cells() -> list[Cell]:
+        cold_read: list[int] = []
+
+        def cold(m: Mounted) -> Measurement:
+            job = sequential_job(m, man.big, f"{m.target}-seq-cold", plan.seq_cap_s)
+            meas = fio_cell(m, job, "seq1m", "cold", run_dir, r.hang(m))
+            cold_read.append(meas.io_bytes or 0)
+            return meas
+
+        def warm(m: Mounted) -> Measurement:
+            # Re-read exactly what the cold pass read: if the cap stopped it early, reading
+            # further would time cold bytes as warm ones.
+            span = max(cold_read[-1] // MIB * MIB if cold_read else 0, MIB)
+            job = sequential_job(m, man.big, f"{m.target}-seq-warm", plan.seq_cap_s, span=span)
+            return fio_cell(m, job, "seq1m", "warm", run_dir, r.hang(m))
+        return [("seq1m", "cold", 1, cold), ("seq1m", "warm", 1, warm)]
+
+    def small_cell() -> Cell:
+        def measure(m: Mounted) -> Measurement:
+            return small_files(m, "tree", man.tree_files, man.tree_bytes, run_dir,
+                               on_hang=r.hang(m))
+        return ("smallfiles", "cold", 1, measure)
+
+    def scaling_cell(readers: int) -> Cell:
+        def measure(m: Mounted) -> Measurement:
+            r.cold()  # misses must reach the (slow) backend, not a host-cached copy
+            job = random_job(m, man.rand, f"{m.target}-scaling-{readers}", readers,
+                             plan.scaling_runtime_s, randrepeat=False)
+            return fio_cell(m, job, "scaling", "latency=1", run_dir, r.hang(m))
+        return ("scaling", "latency=1", readers, measure)
+
+    def memory_cell(span: int) -> Cell:
+        def measure(m: Mounted) -> Measurement:
+            job = sequential_job(m, man.big, f"{m.target}-memory", MEMORY_CAP_S, span=span)
+            meas = fio_cell(m, job, "memory", "stream", run_dir, r.hang(m), hwm=True)
+            if (meas.io_bytes or 0) < span:
+                meas.note = (f"stopped at the {MEMORY_CAP_S:.0f} s cap after "
+                             f"{(meas.io_bytes or 0) // MIB} of {span // MIB} MiB; {meas.note}")
+            if m.pid is None:
+                meas.error = "daemon PID not found (no process has the mount point in argv)"
+            return meas
+        return ("memory", "stream", 1, measure)
+
+    if "rand4k" not in skip:
+        log("== random 4 KiB, cold (fresh mount each)")
+        for jobs in plan.rand_jobs:
+            for t in targets:
+                r.session(t, [rand_cell("cold", jobs)])
+
+    if "seq1m" not in skip:
+        log("== sequential 1 MiB, cold then warm (one mount)")
+        for t in targets:
+            r.session(t, seq_cells())
+
+    if "warm" not in skip and "rand4k" not in skip:
+        span = plan.warm_span or man.rand.size
+        log(f"== random 4 KiB, warm (after one {span // MIB} MiB read through the mount)")
+        for t in targets:
+            if t.key == "raw":
+                continue  # direct=1 on the image file bypasses the page cache: warm == cold
+            r.session(t, [rand_cell("warm", jobs, plan.warm_span, warm_first=n == 0)
+                          for n, jobs in enumerate(plan.warm_jobs)])
+
+    if "smallfiles" not in skip:
+        log("== many small files: find + cat, cold")
+        for t in targets:
+            if t.key != "raw":
+                r.session(t, [small_cell()])
+
+    if "scaling" not in skip:
+        log(f"== slow device (latency=1, cache_size={plan.scaling_cache}): "
+            f"readers {plan.scaling_readers}")
+        common = ("latency=1", f"cache_size={plan.scaling_cache}")
+        configs = [
+            asyncfs("asyncfs-async", "wait=async", *common),
+            asyncfs("asyncfs-threads4", "wait=threads", "threads=4", *common),
+            asyncfs("asyncfs-threads32", "wait=threads", "threads=32", *common),
+        ]
+        for t in configs:
+            if async_reason:
+                r.unavailable[t.key] = async_reason
+            r.session(t, [scaling_cell(n) for n in plan.scaling_readers])
+
+    if "memory" not in skip:
+        span = plan.mem_span or man.big.size
+        log(f"== memory: stream {span // MIB} MiB of big.bin, cache_size=64M, daemon peak RSS")
+        mem_targets: list[Target] = [
+            asyncfs("asyncfs-async", "wait=async", "cache_size=64M"),
+            asyncfs("asyncfs-threads", "wait=threads", "cache_size=64M"),
+        ]
+        if "fuse2fs" in chosen:
+            mem_targets.append(main_targets["fuse2fs"])
+        for t in mem_targets:
+            r.session(t, [memory_cell(span)])
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,391 @@
+"""The pure ext4 decoders: known answers on real and hand-built structures, and Hypothesis
+fuzzing that arbitrary bytes only ever raise the project's own error types."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncfs.errors import AsyncfsError, CorruptionError, ImageError, UnsupportedFeatureError
+from asyncfs.ext4 import features as F
+from asyncfs.ext4.blockmap import indirect_path, max_indirect_blocks, parse_pointer_block
+from asyncfs.ext4.dirent import parse_dirents, rec_len_from_disk
+from asyncfs.ext4.extents import (
+    EXT4_EXT_MAGIC,
+    find_extent,
+    find_index,
+    parse_extent_node,
+)
+from asyncfs.ext4.group import bg_has_super, bg_num_gdb, descriptor_block, parse_group_desc
+from asyncfs.ext4.htree import dx_search, parse_dx_node, parse_dx_root
+from asyncfs.ext4.inode import decode_time_ns, inode_attr, inode_rdev, parse_inode
+from asyncfs.ext4.superblock import Superblock, parse_superblock
+
+
+def _mkfs(tmp: Path, *args: str, size: str = "4M") -> bytes:
+    img = tmp / "sb.img"
+    subprocess.run(["mke2fs", "-q", "-F", *args, str(img), size], check=True,
+                   capture_output=True)
+    with open(img, "rb") as f:
+        f.seek(1024)
+        return f.read(1024)
+
+
+@pytest.fixture(scope="module")
+def sb_raw(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return _mkfs(tmp_path_factory.mktemp("sb"), "-t", "ext4", "-b", "1024")
+
+
+@pytest.fixture(scope="module")
+def sb(sb_raw: bytes) -> Superblock:
+    return parse_superblock(sb_raw)
+
+
+# ------------------------------------------------------------------------------------------
+# superblock and features
+
+
+def test_superblock_geometry(sb: Superblock) -> None:
+    """Broken variant: block size as 1024 << (s_log_block_size + 1) -> 2048 and this fails."""
+    assert sb.block_size == 1024
+    assert sb.s_first_data_block == 1
+    assert sb.s_blocks_count == 4096
+    assert sb.desc_size == 64
+    assert sb.groups_count == 1
+    assert sb.has_metadata_csum
+    assert "metadata_csum" in sb.feature_names()
+
+
+def test_bad_magic_is_image_error(sb_raw: bytes) -> None:
+    """Broken variant: no magic check -> zeros parse as a filesystem and this fails."""
+    with pytest.raises(ImageError, match="not an ext2/ext3/ext4"):
+        parse_superblock(bytes(1024))
+    with pytest.raises(ImageError):
+        parse_superblock(sb_raw[:100])
+
+
+@pytest.mark.parametrize(
+    ("bit", "name"),
+    [(F.INCOMPAT_COMPRESSION, "compression"), (F.INCOMPAT_DIRDATA, "dirdata"),
+     (F.INCOMPAT_JOURNAL_DEV, "journal_dev"), (0x800000, "FEATURE_0x800000")],
+)
+def test_unsupported_incompat_named(sb_raw: bytes, bit: int, name: str) -> None:
+    """Broken variant: INCOMPAT_SUPPORTED = ~0 (accept all) -> nothing raises and this fails."""
+    raw = bytearray(sb_raw)
+    incompat = struct.unpack_from("<I", raw, 0x60)[0] | bit
+    struct.pack_into("<I", raw, 0x60, incompat)
+    with pytest.raises(UnsupportedFeatureError) as ei:
+        parse_superblock(bytes(raw))
+    assert name in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_unknown_ro_compat_is_fine(sb_raw: bytes) -> None:
+    """Broken variant: check_features also rejecting unknown ro_compat bits -> this fails."""
+    raw = bytearray(sb_raw)
+    ro = struct.unpack_from("<I", raw, 0x64)[0] | 0x40000000
+    struct.pack_into("<I", raw, 0x64, ro)
+    assert parse_superblock(bytes(raw)).has_ro_compat(0x40000000)
+
+
+def test_sparse_super_backups(sb: Superblock) -> None:
+    """Broken variant: _test_root returning True for any odd group -> group 9 differs."""
+    groups = [g for g in range(100) if bg_has_super(sb, g)]
+    assert groups == [0, 1, 3, 5, 7, 9, 25, 27, 49, 81]
+
+
+def test_meta_bg_descriptor_location(tmp_path: Path) -> None:
+    """Broken variant: descriptor_block ignoring meta_bg -> meta group 1's block is wrong."""
+    raw = _mkfs(tmp_path, "-t", "ext4", "-b", "1024", "-O", "meta_bg,^resize_inode",
+                size="40M")
+    sb = parse_superblock(raw)
+    assert sb.has_incompat(F.INCOMPAT_META_BG)
+    per = sb.desc_per_block
+    assert descriptor_block(sb, 0) == 2  # 1 KiB blocks: after the superblock in block 1
+    # meta group 1 starts at group `per`, which has a backup superblock only if sparse says so
+    first = per * sb.s_blocks_per_group + sb.s_first_data_block
+    assert descriptor_block(sb, 1) == first + (1 if bg_has_super(sb, per) else 0)
+    assert bg_num_gdb(sb, per) == 1 and bg_num_gdb(sb, per + 2) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# inodes
+
+
+def _raw_inode(size: int = 256, **fields: int) -> bytearray:
+    b = bytearray(size)
+    struct.pack_into("<H", b, 0x0, fields.get("mode", 0o100644))
+    struct.pack_into("<H", b, 0x2, fields.get("uid", 0) & 0xFFFF)
+    struct.pack_into("<H", b, 0x78, fields.get("uid", 0) >> 16)
+    struct.pack_into("<I", b, 0x4, fields.get("size", 0))
+    struct.pack_into("<I", b, 0x10, fields.get("mtime", 0) & 0xFFFFFFFF)
+    struct.pack_into("<I", b, 0x1C, fields.get("blocks", 0))
+    struct.pack_into("<H", b, 0x74, fields.get("blocks_hi", 0))
+    struct.pack_into("<I", b, 0x20, fields.get("flags", 0))
+    struct.pack_into("<I", b, 0x28, fields.get("block0", 0))
+    struct.pack_into("<I", b, 0x2C, fields.get("block1", 0))
+    if size > 128:
+        struct.pack_into("<H", b, 0x80, 32)
+        struct.pack_into("<I", b, 0x88, fields.get("mtime_extra", 0))
+    return b
+
+
+def test_time_extra_epoch_and_ns() -> None:
+    """Broken variant: ignoring the epoch bits -> year 2100 reads as 1964 and this fails."""
+    # 2100-01-01: seconds 4102444800 = 0xF4865700 -> stored as signed -192522496 + epoch 1
+    sec = 4_102_444_800
+    lo = (sec + 2**31) % 2**32 - 2**31
+    epoch = (sec - lo) >> 32
+    assert decode_time_ns(lo, (123 << 2) | epoch) == sec * 10**9 + 123
+    assert decode_time_ns(-1, None) == -(10**9)  # before 1970, 128-byte inode
+
+
+def test_uid32_huge_file_and_time(sb: Superblock) -> None:
+    """Broken variant: dropping l_i_uid_high -> uid 2**31+5 reads as 5 and this fails."""
+    raw = _raw_inode(uid=2**31 + 5, blocks=8, blocks_hi=1, mtime=-5, mtime_extra=(7 << 2))
+    inode = parse_inode(bytes(raw), 12, sb)
+    assert inode.i_uid == 2**31 + 5
+    assert inode.i_blocks == (1 << 32) | 8  # huge_file: 48-bit count in 512-byte units
+    assert inode.mtime_ns == -5 * 10**9 + 7
+    raw = _raw_inode(blocks=8, flags=0x40000)  # EXT4_HUGE_FILE_FL: units of fs blocks
+    assert parse_inode(bytes(raw), 12, sb).i_blocks == 8 * 2
+    assert inode_attr(inode, sb).blksize == 1024
+
+
+def test_rdev_old_and_new_encoding(sb: Superblock) -> None:
+    """Broken variant: decoding i_block[1] with the old 8:8 split -> major 300 fails."""
+    old = parse_inode(bytes(_raw_inode(mode=0o20644, block0=(8 << 8) | 1)), 12, sb)
+    assert inode_rdev(old) == os.makedev(8, 1)
+    major, minor = 300, 70000
+    new_enc = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+    new = parse_inode(bytes(_raw_inode(mode=0o60644, block1=new_enc)), 12, sb)
+    assert inode_rdev(new) == os.makedev(major, minor)
+    fifo = parse_inode(bytes(_raw_inode(mode=0o10644, block0=5)), 12, sb)
+    assert inode_rdev(fifo) == 0
+
+
+def test_bad_extra_isize(sb: Superblock) -> None:
+    """Broken variant: no extra_isize bound -> the parser reads past the inode silently."""
+    raw = _raw_inode()
+    struct.pack_into("<H", raw, 0x80, 200)
+    with pytest.raises(CorruptionError):
+        parse_inode(bytes(raw), 12, sb)
+
+
+# ------------------------------------------------------------------------------------------
+# extents, indirect blocks
+
+
+def _node(depth: int, entries: list[tuple[int, int, int]], max_entries: int = 4) -> bytes:
+    b = bytearray(12 + 12 * max_entries)
+    struct.pack_into("<HHHHI", b, 0, EXT4_EXT_MAGIC, len(entries), max_entries, depth, 0)
+    for i, (lblk, n, pblk) in enumerate(entries):
+        if depth == 0:
+            struct.pack_into("<IHHI", b, 12 + 12 * i, lblk, n, pblk >> 32, pblk & 0xFFFFFFFF)
+        else:
+            struct.pack_into("<IIHH", b, 12 + 12 * i, lblk, pblk & 0xFFFFFFFF, pblk >> 32, 0)
+    return bytes(b)
+
+
+def test_extent_leaf_uninit_and_search() -> None:
+    """Broken variant: treating ee_len > 32768 as initialized length -> uninit flag lost."""
+    node = parse_extent_node(_node(0, [(0, 4, 100), (10, 32768 + 5, (1 << 33) + 7)]))
+    ext, _ = find_extent(node, 2)
+    assert ext is not None and ext.ee_start == 100 and not ext.uninit
+    ext, _ = find_extent(node, 12)
+    assert ext is not None and ext.uninit and ext.ee_len == 5 and ext.ee_start == (1 << 33) + 7
+    assert find_extent(node, 5) == (None, 10)
+    assert find_extent(node, 99) == (None, None)
+
+
+def test_extent_index_and_depth_check() -> None:
+    """Broken variant: no expect_depth check -> a child claiming its parent's depth (a loop)
+    parses and this fails."""
+    idx = parse_extent_node(_node(1, [(0, 0, 500), (1000, 0, 600)]))
+    assert find_index(idx, 999) == 500 and find_index(idx, 1000) == 600
+    with pytest.raises(CorruptionError):
+        parse_extent_node(_node(1, [(0, 0, 500)]), expect_depth=0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _node(0, [(0, 4, 100), (2, 4, 200)]),  # overlapping
+        _node(0, [(5, 1, 100), (5, 1, 200)]),  # out of order
+        _node(0, [(0, 0, 100)]),  # zero length
+        _node(9, []),  # too deep
+        _node(0, [], max_entries=4)[:12] + b"",  # eh_max larger than the buffer
+    ],
+)
+def test_extent_node_corruption(bad: bytes) -> None:
+    """Broken variant: no capacity check (eh_max larger than the buffer) -> struct.error
+    escapes for the last case; no overlap/order/length checks -> the others parse."""
+    with pytest.raises(CorruptionError):
+        parse_extent_node(bad)
+
+
+def test_indirect_path() -> None:
+    """Broken variant: double-indirect slots computed without subtracting the single range."""
+    ppb = 256
+    assert indirect_path(11, ppb) == (11,)
+    assert indirect_path(12, ppb) == (12, 0)
+    assert indirect_path(12 + 256, ppb) == (13, 0, 0)
+    assert indirect_path(12 + 256 + 256 * 256, ppb) == (14, 0, 0, 0)
+    assert indirect_path(max_indirect_blocks(ppb) - 1, ppb) == (14, 255, 255, 255)
+    with pytest.raises(CorruptionError):
+        indirect_path(max_indirect_blocks(ppb), ppb)
+    assert list(parse_pointer_block(struct.pack("<3I", 1, 2, 0xFFFFFFFF))) == [1, 2, 0xFFFFFFFF]
+
+
+# ------------------------------------------------------------------------------------------
+# directories
+
+
+def _dirent(ino: int, name: bytes, rec_len: int, ft: int = 1) -> bytes:
+    return struct.pack("<IHBB", ino, rec_len, len(name), ft) + name.ljust(rec_len - 8, b"\0")
+
+
+def test_dirents_and_bad_record() -> None:
+    """Broken variant: no rec_len bound -> the record running past the block is returned."""
+    blk = _dirent(2, b".", 12, 2) + _dirent(2, b"..", 12, 2) + _dirent(12, b"file", 1000)
+    ents, bad = parse_dirents(blk, 0, 1024, block_size=1024, inodes_count=100, filetype=True)
+    assert [e.name for e in ents] == [b".", b"..", b"file"] and bad is None
+    past = _dirent(2, b".", 12, 2) + _dirent(2, b"..", 12, 2) + _dirent(12, b"file", 1004)
+    ents, bad = parse_dirents(past[:1024], 0, 1024, block_size=1024, inodes_count=100,
+                              filetype=True)
+    assert [e.name for e in ents] == [b".", b".."] and bad is not None
+    blk2 = _dirent(12, b"x", 1012) + _dirent(500, b"y", 12)
+    ents, bad = parse_dirents(blk2, 0, 1024, block_size=1024, inodes_count=100, filetype=True)
+    assert [e.name for e in ents] == [b"x"] and bad is not None and "inode 500" in bad
+
+
+def test_rec_len_64k() -> None:
+    """Broken variant: taking rec_len literally for 64 KiB blocks -> 0 stays 0."""
+    assert rec_len_from_disk(0, 65536) == 65536
+    assert rec_len_from_disk(65535, 65536) == 65536
+    assert rec_len_from_disk(12, 65536) == 12
+    assert rec_len_from_disk(12, 4096) == 12
+
+
+def _dx_root(bs: int, entries: list[tuple[int, int]], *, levels: int = 0, hv: int = 1,
+             csum: bool = False) -> bytes:
+    b = bytearray(bs)
+    b[0:12] = _dirent(2, b".", 12, 2)
+    b[12:24] = _dirent(2, b"..", bs - 12, 2)[:12]
+    struct.pack_into("<IBBBB", b, 24, 0, hv, 8, levels, 0)
+    limit = (bs - 32) // 8 - (1 if csum else 0)
+    struct.pack_into("<HHI", b, 32, limit, len(entries), entries[0][1])
+    for i, (h, blk) in enumerate(entries[1:], 1):
+        struct.pack_into("<II", b, 32 + 8 * i, h, blk)
+    return bytes(b)
+
+
+def test_dx_root_and_search() -> None:
+    """Broken variant: dx_search picking the first entry with hash >= target -> wrong child."""
+    root = parse_dx_root(_dx_root(1024, [(0, 1), (0x1000, 2), (0x8000, 3)]), block_size=1024,
+                         csum=False, largedir=False)
+    assert root.hash_version == 1 and root.indirect_levels == 0
+    assert [root.node.blocks[dx_search(root.node, h)] for h in (0, 0xFFF, 0x1000, 0x9000)] == [
+        1, 1, 2, 3]
+    with pytest.raises(CorruptionError):  # wrong limit for a csum volume
+        parse_dx_root(_dx_root(1024, [(0, 1)]), block_size=1024, csum=True, largedir=False)
+    with pytest.raises(CorruptionError):  # three levels without large_dir
+        parse_dx_root(_dx_root(1024, [(0, 1)], levels=2), block_size=1024, csum=False,
+                      largedir=False)
+    with pytest.raises(CorruptionError):
+        parse_dx_root(_dx_root(1024, [(0, 1)], hv=9), block_size=1024, csum=False,
+                      largedir=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Hypothesis: arbitrary bytes raise only the project's own errors
+
+
+def _only_ours(fn: object, *args: object, **kw: object) -> None:
+    with contextlib.suppress(AsyncfsError):
+        fn(*args, **kw)  # type: ignore[operator]
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=0, max_size=1100))
+def test_fuzz_superblock(data: bytes) -> None:
+    """Arbitrary bytes: ImageError (bad magic, short) and nothing else."""
+    _only_ours(parse_superblock, data)
+
+
+_FIELD_VALUES = st.one_of(
+    st.sampled_from([0, 1, 2, 7, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF]),
+    st.integers(0, 0xFFFFFFFF),
+)
+
+
+@settings(max_examples=400)
+@given(st.data())
+def test_fuzz_superblock_mutations(sb_raw: bytes, data: st.DataObject) -> None:
+    """Mutate u32 fields of a valid superblock: geometry checks must catch what would divide
+    by zero or overflow. Broken variant: dropping both ``blocks_per_group`` lower bounds ->
+    ZeroDivisionError escapes and this fails."""
+    raw = bytearray(sb_raw)
+    for _ in range(data.draw(st.integers(1, 3))):
+        off = data.draw(st.integers(0, 0x170 // 4)) * 4
+        struct.pack_into("<I", raw, off, data.draw(_FIELD_VALUES))
+    try:
+        sb = parse_superblock(bytes(raw))
+    except AsyncfsError:
+        return
+    assert sb.groups_count >= 1 and sb.block_size >= 1024 and sb.desc_per_block >= 1
+    for g in (0, 1, sb.groups_count - 1):
+        bg_has_super(sb, g)
+        bg_num_gdb(sb, g)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_fuzz_inode_and_group(sb: Superblock, data: bytes) -> None:
+    _only_ours(parse_inode, data, 12, sb)
+    _only_ours(parse_group_desc, data, sb)
+    if len(data) >= 256:
+        inode = parse_inode(data, 12, sb)
+        inode_attr(inode, sb)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=1100), st.one_of(st.none(), st.integers(0, 6)))
+def test_fuzz_extent_node(data: bytes, depth: int | None) -> None:
+    try:
+        node = parse_extent_node(data, expect_depth=depth)
+    except AsyncfsError:
+        return
+    if node.depth == 0:
+        find_extent(node, 7)
+    else:
+        find_index(node, 7)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=1100), st.sampled_from([1024, 4096, 65536]))
+def test_fuzz_dirents_and_dx(data: bytes, bs: int) -> None:
+    """Broken variant: no "header truncated" check in parse_dirents -> IndexError escapes."""
+    ents, _bad = parse_dirents(data, 0, len(data), block_size=bs, inodes_count=1000,
+                               filetype=True)
+    assert sum(e.rec_len for e in ents) <= len(data)
+    padded = data.ljust(1024, b"\0")
+    _only_ours(parse_dx_root, padded, block_size=1024, csum=False, largedir=True)
+    _only_ours(parse_dx_node, padded, block_size=1024, csum=True)
+
+
+@settings(max_examples=200)
+@given(st.integers(-5, 2**40), st.sampled_from([256, 1024]))
+def test_fuzz_indirect_path(lblk: int, ppb: int) -> None:
+    try:
+        path = indirect_path(lblk, ppb)
+    except AsyncfsError:
+        return
+    assert 1 <= len(path) <= 4 and all(0 <= s < max(ppb, 15) for s in path)

@@ -1,0 +1,262 @@
+"""The local-file backends (io_uring and threads, O_DIRECT and buffered) read exactly what
+``os.pread`` reads, at any offset and length, with many reads in flight; errors reach only the
+reader that asked."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import liburing
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asyncfs.errors import DeviceIOError, ImageError
+from asyncfs.io import ThreadDevice, UringDevice, open_image
+
+IMAGE_SIZE = 3 * (1 << 20) + 777  # odd: the last O_DIRECT read is short
+WINDOW = (511, IMAGE_SIZE - 511 - 4099)  # a partition starting and ending off any alignment
+MODES = [("uring", True), ("uring", False), ("threads", True), ("threads", False)]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    path = tmp_path_factory.mktemp("io") / "data.img"
+    data = random.Random(7).randbytes(IMAGE_SIZE)
+    path.write_bytes(data)
+    return path, data
+
+
+def _ranges(size: int) -> Any:
+    return st.lists(
+        st.integers(0, size).flatmap(
+            lambda off: st.tuples(st.just(off), st.integers(0, min(size - off, 300_000)))),
+        min_size=1, max_size=24,
+    )
+
+
+@pytest.mark.parametrize(("backend", "direct"), MODES)
+@pytest.mark.parametrize("window", [None, WINDOW], ids=["whole", "window"])
+def test_reads_equal_pread(
+    image: tuple[Path, bytes], backend: str, direct: bool, window: tuple[int, int] | None
+) -> None:
+    """Hypothesis: concurrent reads of random ranges equal os.pread of the same file range.
+    Broken variant: dropping the O_DIRECT alignment offset (copying from buffer start) or
+    resubmitting a short read at the original offset."""
+    path, data = image
+    base, size = window if window else (0, IMAGE_SIZE)
+    fd = os.open(path, os.O_RDONLY)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_ranges(size))
+    def check(ranges: list[tuple[int, int]]) -> None:
+        async def main() -> None:
+            dev = await open_image(path, backend=backend, direct=direct,  # type: ignore[arg-type]
+                                   offset=base if window else None,
+                                   sizelimit=size if window else None)
+            assert dev.size == size
+            assert isinstance(dev, UringDevice | ThreadDevice) and dev.direct is direct
+            got: dict[int, bytes] = {}
+
+            async def one(i: int, off: int, length: int) -> None:
+                got[i] = bytes(await dev.read(off, length))
+
+            async with trio.open_nursery() as nursery:
+                for i, (off, length) in enumerate(ranges):
+                    nursery.start_soon(one, i, off, length)
+            await dev.aclose()
+            for i, (off, length) in enumerate(ranges):
+                assert got[i] == os.pread(fd, length, base + off), (off, length)
+
+        trio.run(main)
+
+    try:
+        check()
+    finally:
+        os.close(fd)
+    assert data[:16] == path.read_bytes()[:16]
+
+
+@pytest.mark.parametrize(("backend", "direct"), MODES)
+async def test_bounds_and_zero_length(image: tuple[Path, bytes], backend: str,
+                                      direct: bool) -> None:
+    path, data = image
+    dev = await open_image(path, backend=backend, direct=direct)  # type: ignore[arg-type]
+    try:
+        assert await dev.read(IMAGE_SIZE, 0) == b""
+        assert bytes(await dev.read(IMAGE_SIZE - 5, 5)) == data[-5:]
+        for off, length in [(IMAGE_SIZE - 4, 5), (IMAGE_SIZE + 1, 0), (-1, 2), (0, -1)]:
+            with pytest.raises(DeviceIOError, match="past the end"):
+                await dev.read(off, length)
+        assert bytes(await dev.read(0, 4096)) == data[:4096]  # the device still works
+    finally:
+        await dev.aclose()
+    with pytest.raises(DeviceIOError, match="closed"):
+        await dev.read(0, 1)
+
+
+@pytest.mark.parametrize("backend", ["uring", "threads"])
+async def test_read_nowait(image: tuple[Path, bytes], backend: str) -> None:
+    path, data = image
+    dev = await open_image(path, backend=backend, direct=False)  # type: ignore[arg-type]
+    await dev.read(8192, 4096)  # now cached by the host
+    assert dev.read_nowait(8192, 4096) == data[8192:12288]
+    assert dev.read_nowait(IMAGE_SIZE - 1, 2) is None
+    await dev.aclose()
+    ddev = await open_image(path, backend=backend, direct=True)  # type: ignore[arg-type]
+    assert ddev.read_nowait(8192, 4096) is None
+    await ddev.aclose()
+
+
+@pytest.mark.parametrize(("backend", "direct"), MODES)
+async def test_vanished_image_fails_only_its_readers(
+    tmp_path: Path, backend: str, direct: bool
+) -> None:
+    """The image shrinks under the device (truncated, or removed and rewritten): reads of the
+    lost range fail with DeviceIOError, concurrent reads of the rest still succeed.
+    Broken variants: treating a zero-byte read as success (returns stale or zero bytes);
+    resubmitting the rest of a short read at the read's start offset."""
+    path = tmp_path / "img"
+    data = random.Random(3).randbytes(1 << 20)
+    path.write_bytes(data)
+    dev = await open_image(path, backend=backend, direct=direct)  # type: ignore[arg-type]
+    os.truncate(path, 256 * 1024)
+    results: dict[int, object] = {}
+
+    async def one(off: int) -> None:
+        try:
+            results[off] = bytes(await dev.read(off, 8192))
+        except DeviceIOError as err:
+            results[off] = err
+
+    async with trio.open_nursery() as nursery:
+        for off in [*range(0, 1 << 20, 64 * 1024), 256 * 1024 - 4096]:  # one straddles the end
+            nursery.start_soon(one, off)
+    for off, res in results.items():
+        if off + 8192 <= 256 * 1024:
+            assert res == data[off : off + 8192]
+        else:
+            assert isinstance(res, DeviceIOError) and "ends early" in str(res)
+    await dev.aclose()
+
+
+async def test_cancelled_reader_keeps_buffer_until_cqe(image: tuple[Path, bytes]) -> None:
+    """Readers cancelled while their read is in flight leave at once; the op and its buffer stay
+    registered until the CQE arrives, never back in the free pool meanwhile; later reads are
+    right. Broken variant: an abort that drops the op and pools its buffer at once (the kernel
+    then writes into a buffer another read is using)."""
+    path, data = image
+    dev = await open_image(path, backend="uring", direct=True)
+    assert isinstance(dev, UringDevice)
+    rng = random.Random(5)
+    orphans = 0
+
+    def pooled() -> set[int]:
+        return {id(b) for free in dev._pool._free.values() for b in free}
+
+    for _round in range(20):
+        async with trio.open_nursery() as nursery:
+            for _ in range(32):
+                nursery.start_soon(dev.read, rng.randrange(IMAGE_SIZE - 65536), 65536)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        orphans += sum(op.task is None for op in dev._ops.values())
+        assert not any(id(op.buf) in pooled() for op in dev._ops.values())
+    assert orphans > 0  # some reads really were cancelled in flight
+    with trio.fail_after(10):
+        while dev.in_flight:
+            await trio.sleep(0.001)
+    for off in (0, 12345, IMAGE_SIZE - 70000):
+        assert bytes(await dev.read(off, 65536)) == data[off : off + 65536]
+    await dev.aclose()
+
+
+async def test_queue_depth_is_the_number_of_callers(image: tuple[Path, bytes]) -> None:
+    """All concurrent readers are submitted together (queue depth = number of callers).
+    Broken variant: serialising reads behind a lock (the peak stays 1)."""
+    path, _ = image
+    dev = await open_image(path, backend="uring", direct=True)
+    assert isinstance(dev, UringDevice)
+    async with trio.open_nursery() as nursery:
+        for i in range(48):
+            nursery.start_soon(dev.read, i * 16384, 4096)
+    assert dev.peak_in_flight == 48
+    await dev.aclose()
+
+
+async def test_depth_bound_holds(image: tuple[Path, bytes]) -> None:
+    path, data = image
+    fd = os.open(path, os.O_RDONLY)
+    dev = await UringDevice.create(fd, base=0, size=IMAGE_SIZE, direct=False, path=str(path),
+                                   depth=4)
+    peak = 0
+
+    async def reader(i: int) -> None:
+        nonlocal peak
+        peak = max(peak, dev.in_flight)
+        assert bytes(await dev.read(i * 4096, 4096)) == data[i * 4096 : (i + 1) * 4096]
+        peak = max(peak, dev.in_flight)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(64):
+            nursery.start_soon(reader, i)
+    assert peak <= 4
+    await dev.aclose()
+
+
+async def test_uring_unavailable_falls_back_to_threads(
+    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = image
+
+    def refuse(*_: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(liburing, "io_uring_queue_init", refuse)
+    dev = await open_image(path)
+    assert isinstance(dev, ThreadDevice)
+    assert bytes(await dev.read(100, 1000)) == data[100:1100]
+    await dev.aclose()
+    with pytest.raises(ImageError, match="io_uring is unavailable"):
+        await open_image(path, backend="uring")
+
+
+@pytest.mark.parametrize("backend", ["uring", "threads"])
+async def test_kernel_error_reaches_only_its_reader(image: tuple[Path, bytes],
+                                                    backend: str) -> None:
+    """A read the kernel fails (here EINVAL: an unaligned read on an O_DIRECT fd whose device
+    was told it is buffered) raises DeviceIOError naming the errno in that reader only; aligned
+    reads running beside it succeed and the device keeps working.
+    Broken variant: failing every op in flight when one CQE carries an error."""
+    path, data = image
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    dev: UringDevice | ThreadDevice
+    if backend == "uring":
+        dev = await UringDevice.create(fd, base=0, size=IMAGE_SIZE, direct=False, path="x")
+    else:
+        dev = ThreadDevice(fd, base=0, size=IMAGE_SIZE, direct=False, path="x")
+    results: dict[int, object] = {}
+
+    async def one(off: int, length: int) -> None:
+        try:
+            results[off] = bytes(await dev.read(off, length))
+        except DeviceIOError as err:
+            results[off] = err
+
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(one, i * 65536, 4096)  # aligned: fine even with O_DIRECT
+            nursery.start_soon(one, i * 65536 + 100, 333)  # unaligned: EINVAL
+    for off, res in results.items():
+        if off % 4096 == 0:
+            assert res == data[off : off + 4096]
+        else:
+            assert isinstance(res, DeviceIOError) and "EINVAL" in str(res)
+            assert f"at {off} of x failed" in str(res)
+    assert bytes(await dev.read(4096, 4096)) == data[4096:8192]
+    await dev.aclose()

@@ -1,0 +1,140 @@
+"""FaultyDevice (latency, EIO ranges, stall/release) and the event loop staying free while the
+device is slow."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from asyncfs.errors import DeviceIOError, UsageError
+from asyncfs.io import FaultyDevice, open_image, parse_latency
+
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, bytes]:
+    data = random.Random(11).randbytes(SIZE)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    return path, data
+
+
+async def test_eio_ranges_fail_only_touching_reads(image: tuple[Path, bytes]) -> None:
+    """Broken variant: an overlap test with <= instead of < (a read ending exactly at the range
+    start fails too)."""
+    path, data = image
+    dev = FaultyDevice(await open_image(path), eio_ranges=[(8192, 8193)])
+    assert bytes(await dev.read(0, 8192)) == data[:8192]  # ends right before the bad byte
+    assert bytes(await dev.read(8193, 100)) == data[8193:8293]
+    for off, length in [(8192, 1), (4096, 8192), (0, SIZE)]:
+        with pytest.raises(DeviceIOError, match="EIO"):
+            await dev.read(off, length)
+    dev.add_eio_range(0, 10)
+    with pytest.raises(DeviceIOError):
+        await dev.read(5, 1)
+    dev.clear_eio_ranges()
+    assert bytes(await dev.read(8000, 400)) == data[8000:8400]
+    await dev.aclose()
+
+
+async def test_stall_holds_reads_until_release(image: tuple[Path, bytes]) -> None:
+    path, data = image
+    dev = FaultyDevice(await open_image(path))
+    dev.stall()
+    done: list[int] = []
+
+    async def reader(i: int) -> None:
+        assert bytes(await dev.read(i * 100, 100)) == data[i * 100 : i * 100 + 100]
+        done.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(reader, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == [] and dev.stalled_readers == 5
+        assert dev.read_nowait(0, 100) is None
+        dev.release()
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    await dev.aclose()
+
+
+async def test_latency_is_applied(image: tuple[Path, bytes]) -> None:
+    path, _ = image
+    dev = FaultyDevice(await open_image(path), latency_ms=30, latency_jitter_ms=10, seed=1)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(dev.read, i * 4096, 4096)
+    elapsed = trio.current_time() - t0
+    assert 0.030 <= elapsed < 0.5  # concurrent: the delays overlap
+    await dev.aclose()
+
+
+def test_parse_latency() -> None:
+    assert parse_latency("5") == (5.0, 0.0)
+    assert parse_latency("2-10") == (2.0, 8.0)
+    for bad in ("x", "-1", "5-2"):
+        with pytest.raises(UsageError):
+            parse_latency(bad)
+
+
+class StepTimer(trio.abc.Instrument):
+    """Longest single task step (a blocking call on the trio thread shows up here)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._t: float | None = None
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._t = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._t is not None:  # the step that added the instrument had no "before"
+            self.longest = max(self.longest, time.perf_counter() - self._t)
+        self._t = None
+
+
+@pytest.mark.parametrize("backend", ["uring", "threads"])
+async def test_event_loop_not_blocked_while_device_slow(
+    image: tuple[Path, bytes], backend: str
+) -> None:
+    """While 32 reads wait 300 ms each on a slow device, a ticker keeps ticking every few ms
+    and no task step takes long. The bounds leave room for a busy shared machine (other
+    processes preempting this one) yet sit well below one blocked read.
+    Broken variant: latency by time.sleep (or a blocking pread on the trio thread): the ticker
+    stops and the longest step is >= 300 ms."""
+    path, data = image
+    dev = FaultyDevice(await open_image(path, backend=backend),  # type: ignore[arg-type]
+                       latency_ms=300)
+    timer = StepTimer()
+    trio.lowlevel.add_instrument(timer)
+    gaps: list[float] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def ticker() -> None:
+                last = time.perf_counter()
+                while True:
+                    await trio.sleep(0.002)
+                    now = time.perf_counter()
+                    gaps.append(now - last)
+                    last = now
+
+            nursery.start_soon(ticker)
+            async with trio.open_nursery() as readers:
+                for i in range(32):
+                    readers.start_soon(dev.read, i * 8192, 8192)
+            assert bytes(await dev.read(4096, 10)) == data[4096:4106]
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(timer)
+    assert len(gaps) > 30  # ~600 ms of reads at a 2 ms tick
+    assert max(gaps) < 0.2
+    assert timer.longest < 0.15
+    await dev.aclose()

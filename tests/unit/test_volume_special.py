@@ -1,0 +1,197 @@
+"""Casefolded directories and encrypted files, on real images.
+
+The kernel on the test machine may lack CONFIG_UNICODE (it then refuses casefold images), so
+casefold lookups are checked against the names the source tree holds; e2fsck -D builds the
+casefolded hash index the lookups must follow.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asyncfs.engine.volume import Volume
+from asyncfs.errors import NoEntryError
+from tests.unit.volume_reader import PreadReader
+from tests.unit.volume_walk import listing
+
+NAMES = ["Hello", "Straße", "ÉCOLE", "x"]
+
+
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def cf_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("cf")
+    src = base / "src"
+    for d in ("cf", "plain"):
+        (src / d).mkdir(parents=True)
+        for n in NAMES:
+            (src / d / n).write_text(n)
+    for i in range(400):
+        (src / "cf" / f"File-{i}-ÄÖÜ-long-name-padding").write_bytes(b"")
+    img = base / "cf.img"
+    _run("mke2fs", "-q", "-F", "-t", "ext4", "-O", "casefold", "-b", "1024", "-d", str(src),
+         str(img), "16M")
+    flags = _run("debugfs", "-R", "stat /cf", str(img)).split("Flags: ")[1].split()[0]
+    _run("debugfs", "-w", "-R", f"sif /cf flags {int(flags, 16) | 0x40000000:#x}", str(img))
+    subprocess.run(["e2fsck", "-fyD", str(img)], capture_output=True)  # casefolded htree
+    _run("e2fsck", "-fn", str(img))
+    return img
+
+
+async def test_casefold_lookups(cf_image: Path) -> None:
+    """Broken variant: _name_eq comparing bytes only -> "HELLO" is not found in cf/; and
+    hash_name not folding -> the dx probe for "straße" lands in the wrong leaf."""
+    r = PreadReader(cf_image)
+    try:
+        vol = await Volume.open(r, device_size=r.size)
+        cf = (await vol.lookup(vol.root_ino, b"cf")).ino
+        plain = (await vol.lookup(vol.root_ino, b"plain")).ino
+        assert vol._is_dx(await vol._inode(cf))
+        for asked, stored in (("HELLO", "Hello"), ("hello", "Hello"), ("STRASSE", "Straße"),
+                              ("école", "ÉCOLE"), ("X", "x"),
+                              ("file-7-äöü-LONG-name-padding", "File-7-ÄÖÜ-long-name-padding")):
+            a = await vol.lookup(cf, asked.encode())
+            b = await vol.lookup(cf, stored.encode())
+            assert a.ino == b.ino, asked
+        with pytest.raises(NoEntryError):
+            await vol.lookup(plain, b"HELLO")
+        assert (await vol.lookup(plain, b"Hello")).ino > 0
+        names = {n for n, _, _ in await listing(vol, cf)}
+        assert "Straße".encode() in names and len(names) == 2 + len(NAMES) + 400
+    finally:
+        r.close()
+
+
+# ------------------------------------------------------------------------------------------
+# encryption: files made by the kernel with a v2 policy, then read without the key
+
+
+FS_IOC_ADD_ENCRYPTION_KEY = 0xC0506617
+FS_IOC_SET_ENCRYPTION_POLICY = 0x800C6613
+
+
+def _make_encrypted(img: Path, mnt: Path) -> None:
+    import fcntl
+    import os
+    import struct
+
+    _run("mke2fs", "-q", "-F", "-t", "ext4", "-O", "encrypt", "-b", "4096", str(img), "32M")
+    _run("mount", "-o", "loop", str(img), str(mnt))
+    try:
+        arg = bytearray(struct.pack("<II32sII32x", 2, 0, b"", 64, 0) + bytes(range(64)))
+        fd = os.open(mnt, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, FS_IOC_ADD_ENCRYPTION_KEY, arg)
+        finally:
+            os.close(fd)
+        enc = mnt / "enc"
+        enc.mkdir()
+        dfd = os.open(enc, os.O_RDONLY)
+        try:
+            policy = struct.pack("<BBBB4s16s", 2, 1, 4, 0, b"", bytes(arg[8:24]))
+            fcntl.ioctl(dfd, FS_IOC_SET_ENCRYPTION_POLICY, policy)
+        finally:
+            os.close(dfd)
+        (enc / "secret.txt").write_bytes(b"top secret\n" * 100)
+        os.symlink("short-target", enc / "slink")
+        os.symlink("L" * 300, enc / "longlink")
+        (enc / "sub").mkdir()
+        (enc / "sub" / "inner").write_bytes(b"i")
+        (enc / ("n" * 200)).write_bytes(b"x")
+        for i in range(300):
+            (enc / f"file-{i:03d}").write_bytes(b"")
+        (mnt / "plain").write_bytes(b"plain\n")
+    finally:
+        _run("umount", str(mnt))
+
+
+async def test_encrypted_names_and_metadata_without_key(tmp_path: Path) -> None:
+    """Without the key, names, sizes, symlink targets and listings equal the kernel's no-key
+    view; contents give NotSupportedError.
+
+    Broken variant: no-key names without the directory-hash prefix (zeros) -> every name in
+    the hashed directory differs from the kernel's; symlink size from i_size -> differs."""
+    from tests.imagegen import kernel_mount, kernel_mount_unavailable
+    from tests.unit.test_volume_corpus import KERNEL_FIELDS
+    from tests.unit.volume_walk import diff_snapshots, os_snapshot, volume_snapshot
+
+    why = kernel_mount_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    if not Path("/sys/fs/ext4/features/encryption").exists():
+        pytest.skip("kernel ext4 without encryption support")
+    img = tmp_path / "enc.img"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _make_encrypted(img, mnt)
+    r = PreadReader(img)
+    try:
+        vol = await Volume.open(r, device_size=r.size)
+        snap = await volume_snapshot(vol)
+        enc = (await vol.lookup(vol.root_ino, b"enc")).ino
+        secret = [n for n, _, _ in await listing(vol, enc) if n not in (b".", b"..")]
+        assert len(secret) == 305
+    finally:
+        r.close()
+    with kernel_mount(img) as kmnt:
+        ref = os_snapshot(kmnt)
+    assert {rec.get("content") for p, rec in snap.items() if p.startswith(b"enc/")} - {
+        None} == {"NotSupportedError"}
+    diffs = diff_snapshots(snap, ref, KERNEL_FIELDS - {"content"})
+    assert diffs == [], "\n".join(diffs[:20])
+    assert snap[b"plain"]["content"] == ref[b"plain"]["content"]
+
+
+async def test_uninitialized_extents_read_as_zeros(tmp_path: Path) -> None:
+    """fallocate()d ranges are uninitialized extents: zeros, and holes in the map.
+
+    Broken variant: ExtentFileMap.map ignoring ``ext.uninit`` -> the stale bytes under the
+    preallocated range are returned instead of zeros and this fails."""
+    import os
+
+    from tests.imagegen import kernel_mount, kernel_mount_unavailable
+
+    why = kernel_mount_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    img = tmp_path / "u.img"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # stale non-zero bytes everywhere, so an uninitialized extent read as data shows garbage
+    with open(img, "wb") as f:
+        f.write(b"\xa5" * (16 << 20))
+    _run("mke2fs", "-q", "-F", "-t", "ext4", "-E", "nodiscard", str(img))
+    _run("mount", "-o", "loop", str(img), str(mnt))
+    try:
+        fd = os.open(mnt / "pre", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, 1 << 20)
+            os.pwrite(fd, b"D" * 5000, 300_000)
+        finally:
+            os.close(fd)
+    finally:
+        _run("umount", str(mnt))
+    assert "Uninit" in _run("debugfs", "-R", "ex /pre", str(img))
+    r = PreadReader(img)
+    try:
+        vol = await Volume.open(r, device_size=r.size)
+        ino = (await vol.lookup(vol.root_ino, b"pre")).ino
+        from tests.unit.volume_walk import read_all
+
+        data = await read_all(vol, ino, 1 << 20)
+        fmap = await vol.file_map(ino)
+        runs = await fmap.map(0, 1 << 20)
+    finally:
+        r.close()
+    expect = bytearray(1 << 20)
+    expect[300_000:305_000] = b"D" * 5000
+    assert data == bytes(expect)
+    assert runs[0].dev_off is None and any(x.dev_off is not None for x in runs)
+    with kernel_mount(img) as kmnt:
+        assert (kmnt / "pre").read_bytes() == data
