@@ -87,7 +87,7 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, (32,), (8,), 2.0, 256 * MIB, 3.0, (1, 8, 32), 2.0, "16M", 512 * MIB)
+            return cls(True, (32,), (8,), 2.0, 256 * MIB, 3.0, (1, 32), 2.0, "16M", 256 * MIB)
         return cls(False, (1, 8, 32), (1, 8, 32), 5.0, None, 25.0,
                    (1, 2, 4, 8, 16, 32, 64), 4.0, "16M", None)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -247,8 +248,6 @@ def _run(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProc
 class Target:
     """Base: a raw image needs no mount. Subclasses mount something at ``mnt_base/key``."""
 
-    fuse = False
-
     def __init__(self, key: str, image: Path, mnt_base: Path, options: Sequence[str] = ()):
         self.key = key
         self.image = image
@@ -360,7 +359,6 @@ def abort_fuse(m: Mounted) -> None:
 class FuseTarget(Target):
     """A FUSE daemon started by a command that returns once the mount answers."""
 
-    fuse = True
     unmount_cmd = "fusermount3"
     mount_timeout_s = MOUNT_TIMEOUT_S
 
@@ -473,9 +471,7 @@ class Fuse2fsTarget(FuseTarget):
     unmount_cmd = "fusermount"
 
     def unavailable(self) -> str | None:
-        from shutil import which
-
-        return None if which("fuse2fs") else "fuse2fs not installed (apt install fuse2fs)"
+        return None if shutil.which("fuse2fs") else "fuse2fs not installed (apt install fuse2fs)"
 
     def command(self, opts: str) -> list[str]:
         return ["fuse2fs", str(self.image), str(self.mnt), "-o", opts or "ro"]

@@ -4,10 +4,12 @@ tree/statfs comparers.
 Used by the ext4 decoder tests and by the mount tests. Typical use::
 
     make_tree(src, "small")
-    img = make_image(src, tmp_path / "img", "ext4")
+    img = make_image(src, tmp_path / "img", preset)
     with kernel_mount(img) as ref:                      # root + loop devices, else skip
         assert compare_trees(src, ref, fields=SOURCE_FIELDS,
-                             small_inodes="ext4-128inode" == preset) == []
+                             small_inodes=preset in SMALL_INODE_PRESETS) == []
+
+    src, img = corpus_image(preset)                     # the same, cached per process
 
 Facts about ``mke2fs -d`` (e2fsprogs 1.47.0) that shaped this module, measured here:
 
@@ -175,16 +177,16 @@ def make_tree(root: Path, profile: Literal["full", "small"] = "full", seed: int 
         b"quote\"'`$",
         b"\x01\x7f",
     ]
-    for n in odd:
-        _write(os.path.join(names, n), n)
+    for oname in odd:
+        _write(os.path.join(names, oname), oname)
     os.mkdir(os.path.join(names, b"dir \xff\n"))
     _write(os.path.join(names, b"dir \xff\n", b"inner"), b"inner")
 
     links = root / "links"
     links.mkdir()
     _write(links / "target", b"target file\n")
-    for n in (1, 59, 60, 61, 500, 1000):
-        os.symlink("t" * n, links / f"len{n}")
+    for length in (1, 59, 60, 61, 500, 1000):
+        os.symlink("t" * length, links / f"len{length}")
     os.symlink("target", links / "rel")
     os.symlink("/absolute/path/that/does/not/exist", links / "abs_dangling")
     os.symlink("../files", links / "to_dir")
@@ -224,10 +226,10 @@ def make_tree(root: Path, profile: Literal["full", "small"] = "full", seed: int 
     os.setxattr(xd / "large", "user.tiny", b"t")
     shared = {"user.shared_a": _rand(rng, 300),
               "trusted.shared_b" if priv else "user.shared_b": _rand(rng, 200)}
-    for n in ("shared1", "shared2"):
-        _write(xd / n, n.encode())
+    for fname in ("shared1", "shared2"):
+        _write(xd / fname, fname.encode())
         for k, v in shared.items():
-            os.setxattr(xd / n, k, v)
+            os.setxattr(xd / fname, k, v)
     _write(xd / "many", b"m")
     for i in range(20):
         os.setxattr(xd / "many", f"user.attr{i:02d}", f"value-{i}".encode() * (i % 4 + 1))
@@ -316,14 +318,14 @@ def make_tree(root: Path, profile: Literal["full", "small"] = "full", seed: int 
     all_paths: list[bytes] = []
     for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
         dirnames.sort()
-        for n in sorted(filenames) + dirnames:
-            all_paths.append(os.path.join(dirpath, n))
-    all_paths.sort(key=lambda p: (-p.count(b"/"), p))
-    for p in [*all_paths, os.fsencode(root)]:
-        if p in time_fixed:
+        for entry in sorted(filenames) + dirnames:
+            all_paths.append(os.path.join(dirpath, entry))
+    all_paths.sort(key=lambda q: (-q.count(b"/"), q))
+    for path in [*all_paths, os.fsencode(root)]:
+        if path in time_fixed:
             continue
         t = (BASE_TIME + rng.randrange(0, 10**8)) * 10**9 + rng.randrange(0, 10**9)
-        os.utime(p, ns=(t + 10**9, t), follow_symlinks=False)
+        os.utime(path, ns=(t + 10**9, t), follow_symlinks=False)
 
 
 # --------------------------------------------------------------------------------------------

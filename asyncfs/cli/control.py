@@ -1,14 +1,18 @@
-"""The stats channel: a Unix socket per mount, outside the mounted tree.
+"""The control channel: a Unix socket per mount, outside the mounted tree.
 
-The daemon listens on ``<runtime dir>/<hash of the mount point>.sock`` and answers every
-connection with one JSON object; ``asyncfs stats`` connects and prints it. Keeping the channel
-off the mount means the tree stays byte-for-byte the image's (no magic files or xattrs).
+The daemon listens on ``<runtime dir>/<hash of the mount point>.sock``. A client sends one JSON
+request line and gets one JSON object back: ``{"op": "stats"}`` (what ``asyncfs stats`` prints)
+or, on a mount with ``-o faults``, ``{"op": "fault", "action": "eio"|"clear"|"stall"|"release",
+...}`` (what ``asyncfs fault`` sends, for tests and benchmarks). Keeping the channel off the
+mount means the tree stays byte-for-byte the image's (no magic files or xattrs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -18,7 +22,7 @@ from typing import Any
 
 import trio
 
-from asyncfs.errors import MountPointError
+from asyncfs.errors import AsyncfsError, MountPointError, UsageError
 
 
 def runtime_dir() -> Path:
@@ -42,9 +46,31 @@ def log_path(mountpoint: str) -> Path:
     return runtime_dir() / f"{mount_key(mountpoint)}.log"
 
 
-async def serve_stats(path: Path, snapshot: Callable[[], dict[str, Any]],
-                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer each connection on ``path`` with ``snapshot()`` as one JSON line."""
+log = logging.getLogger("asyncfs.control")
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+MAX_REQUEST = 4096
+
+
+async def _read_request(conn: trio.socket.SocketType) -> dict[str, Any]:
+    buf = b""
+    with trio.move_on_after(2):
+        while b"\n" not in buf and len(buf) < MAX_REQUEST:
+            chunk = await conn.recv(MAX_REQUEST)
+            if not chunk:
+                break
+            buf += chunk
+    try:
+        req = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+    except ValueError:
+        return {"op": "invalid"}
+    return req if isinstance(req, dict) else {"op": "invalid"}
+
+
+async def serve_control(path: Path, handle: Handler,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer each connection on ``path``: one JSON request line in, one JSON line out.
+    Connections are served one at a time; each is bounded by a short timeout."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         path.unlink()
@@ -56,20 +82,32 @@ async def serve_stats(path: Path, snapshot: Callable[[], dict[str, Any]],
         while True:
             conn, _ = await sock.accept()
             with conn:
-                payload = json.dumps(snapshot(), sort_keys=True).encode() + b"\n"
                 try:
-                    await conn.send(payload)
+                    req = await _read_request(conn)
+                    try:
+                        reply = handle(req)
+                    except AsyncfsError as e:
+                        reply = {"error": str(e)}
+                    except Exception as e:  # a control bug must never take the mount down
+                        log.exception("control request %r failed", req)
+                        reply = {"error": f"internal error: {type(e).__name__}: {e}"}
+                    payload = json.dumps(reply, sort_keys=True).encode() + b"\n"
+                    with trio.move_on_after(2):
+                        await conn.send(payload)
                 except OSError:
                     pass
     finally:
         sock.close()
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
 
 def fetch_stats(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The daemon's counters."""
+    return request(mountpoint, {"op": "stats"}, timeout)
+
+
+def request(mountpoint: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """Client side (plain blocking socket: the CLI has no event loop to protect)."""
     path = socket_path(os.path.realpath(mountpoint))
     if not path.exists():
@@ -79,6 +117,7 @@ def fetch_stats(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
         s.settimeout(timeout)
         try:
             s.connect(os.fspath(path))
+            s.sendall(json.dumps(req).encode() + b"\n")
             chunks = []
             while time.monotonic() < deadline:
                 chunk = s.recv(65536)
@@ -93,4 +132,6 @@ def fetch_stats(mountpoint: str, timeout: float = 5.0) -> dict[str, Any]:
         raise MountPointError(f"the asyncfs daemon of {mountpoint} sent no stats") from None
     if not isinstance(data, dict):
         raise MountPointError(f"the asyncfs daemon of {mountpoint} sent no stats")
+    if "error" in data:
+        raise UsageError(str(data["error"]))
     return data

@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pyfuse3
@@ -21,8 +23,9 @@ from asyncfs import __version__
 from asyncfs.cli import control
 from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import open_stack
-from asyncfs.errors import AsyncfsError
+from asyncfs.errors import AsyncfsError, UsageError
 from asyncfs.fuse.ops import AsyncfsOperations
+from asyncfs.io import FaultyDevice
 
 log = logging.getLogger("asyncfs")
 
@@ -73,8 +76,8 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
                     return s
 
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(control.serve_stats, control.socket_path(mountpoint),
-                                        snapshot)
+                    await nursery.start(control.serve_control, control.socket_path(mountpoint),
+                                        partial(_handle_request, snapshot, stack.faults, opts))
                     reporter.send("OK")
                     log.info("mounted %s on %s", image, mountpoint)
                     signalled = trio.Event()
@@ -96,6 +99,33 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
             print(f"asyncfs: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _handle_request(snapshot: Callable[[], dict[str, Any]], faults: FaultyDevice | None,
+                    opts: MountOptions, req: dict[str, Any]) -> dict[str, Any]:
+    op = req.get("op", "stats")
+    if op == "stats":
+        return snapshot()
+    if op != "fault":
+        raise UsageError(f"unknown control request {op!r}")
+    if faults is None or not opts.faults:
+        raise UsageError("fault injection is off for this mount (mount it with -o faults)")
+    action = req.get("action")
+    if action == "eio":
+        start, end = int(req["start"]), int(req["end"])
+        if not 0 <= start < end:
+            raise UsageError(f"bad EIO range {start}..{end}")
+        faults.add_eio_range(start, end)
+    elif action == "clear":
+        faults.clear_eio_ranges()
+    elif action == "stall":
+        faults.stall()
+    elif action == "release":
+        faults.release()
+    else:
+        raise UsageError(f"unknown fault action {action!r} (eio, clear, stall, release)")
+    log.info("fault injection: %s", req)
+    return {"ok": True, "stalled": faults.is_stalled, "stalled_readers": faults.stalled_readers}
 
 
 async def _watch_signals(signalled: trio.Event) -> None:
@@ -159,21 +189,19 @@ def run_mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bo
         os.dup2(devnull, fd)
     os.close(devnull)
     code = 1
+    reporter = StartupReporter(wfd)
     try:
         setup_logging(opts, mountpoint, foreground=False)
-        code = trio.run(serve, image, mountpoint, opts, StartupReporter(wfd))
+        code = trio.run(serve, image, mountpoint, opts, reporter)
     except BaseException:  # the parent must hear something, whatever went wrong
         log.exception("daemon failed")
-        try:
-            os.write(wfd, b"ERR the daemon failed during start-up; see its log\n")
-        except OSError:
-            pass
+        reporter.send("ERR the daemon failed during start-up; see its log")
     finally:
         os._exit(code)
 
 
 def _read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = os.read(fd, 4096)
         if not chunk:

@@ -16,7 +16,7 @@ import trio
 from asyncfs import __version__
 from asyncfs.cli import control
 from asyncfs.cli.mountpoint import check_mountpoint
-from asyncfs.cli.options import MountOptions, parse_options
+from asyncfs.cli.options import MountOptions, parse_options, parse_size
 from asyncfs.cli.wiring import open_stack
 from asyncfs.engine.volume import Volume
 from asyncfs.errors import AsyncfsError, ImageError, NoEntryError, UsageError
@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="page-cache counters of a mounted image")
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true")
+
+    f = sub.add_parser("fault", help="fault injection on a mount made with -o faults (tests)")
+    f.add_argument("mountpoint")
+    f.add_argument("action", choices=["eio", "clear", "stall", "release"])
+    f.add_argument("start", nargs="?", help="eio: first byte of the failing device range")
+    f.add_argument("end", nargs="?", help="eio: end (exclusive) of the failing range")
 
     ls = sub.add_parser("ls", help="list a directory of an image without mounting")
     ls.add_argument("image")
@@ -95,6 +101,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _info(check_image(args.image))
     if args.cmd == "stats":
         return _stats(args.mountpoint, as_json=args.json)
+    if args.cmd == "fault":
+        return _fault(args)
     if args.cmd == "ls":
         return trio.run(_ls, check_image(args.image), args.path, parse_options(args.options))
     if args.cmd == "cat":
@@ -105,8 +113,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _info(image: str) -> int:
     from asyncfs.io import describe_image
 
-    info = describe_image(image)
-    print(info.render() if hasattr(info, "render") else info)
+    print(describe_image(image).format())
     return 0
 
 
@@ -120,10 +127,12 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
     mib = 2**20
     lines = [
         f"asyncfs {data.get('version', '?')} pid {data.get('pid')}: {data.get('image')} on "
-        f"{data.get('mountpoint')}, up {data.get('uptime_s', 0):.0f}s, wait={data.get('wait_mode')}",
+        f"{data.get('mountpoint')}, up {data.get('uptime_s', 0):.0f}s, "
+        f"wait={data.get('wait_mode')}",
         f"cache     {int(data.get('cache_bytes', 0)) / mib:.1f} / "
-        f"{int(data.get('cache_limit_bytes', 0)) / mib:.1f} MiB in {data.get('pages_cached')} pages,"
-        f" {hits} hits / {misses} misses ({ratio:.1%}), {data.get('evictions')} evictions",
+        f"{int(data.get('cache_limit_bytes', 0)) / mib:.1f} MiB in "
+        f"{data.get('pages_cached')} pages, {hits} hits / {misses} misses ({ratio:.1%}), "
+        f"{data.get('evictions')} evictions",
         f"backend   {data.get('backend_reads')} reads, "
         f"{int(data.get('backend_bytes', 0)) / mib:.1f} MiB, {data.get('inflight_io')} in flight",
         f"waiters   {data.get('parked_now')} parked now, {data.get('parked_total')} in total, "
@@ -136,14 +145,51 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
     return 0
 
 
-async def _resolve(volume: Volume, path: str) -> Attr:
-    attr = await volume.getattr(volume.root_ino)
-    for part in [p for p in path.split("/") if p]:
+def _fault(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"op": "fault", "action": args.action}
+    if args.action == "eio":
+        if args.start is None or args.end is None:
+            raise UsageError("fault eio needs START and END (device byte offsets)")
+        req["start"] = parse_size(args.start, "start")
+        req["end"] = parse_size(args.end, "end")
+    print(json.dumps(control.request(args.mountpoint, req), sort_keys=True))
+    return 0
+
+
+MAXSYMLINKS = 40  # as the kernel's path walk
+
+
+async def _resolve(volume: Volume, path: str, *, follow_last: bool = True) -> Attr:
+    """Walk ``path`` inside the image from its root, following symlinks as the kernel would
+    (absolute targets start at the image's root)."""
+    parts = [p for p in os.fsencode(path).split(b"/") if p]
+    stack = [volume.root_ino]  # directories walked so far, for ".."
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == b".":
+            continue
+        if name == b"..":
+            if len(stack) > 1:
+                stack.pop()
+            continue
         try:
-            attr = await volume.lookup(attr.ino, os.fsencode(part))
+            attr = await volume.lookup(stack[-1], name)
         except NoEntryError:
             raise NoEntryError(f"{path}: no such file or directory in the image") from None
-    return attr
+        if stat.S_ISLNK(attr.mode) and (parts or follow_last):
+            hops += 1
+            if hops > MAXSYMLINKS:
+                raise NoEntryError(f"{path}: too many levels of symbolic links")
+            target = await volume.readlink(attr.ino)
+            if target.startswith(b"/"):
+                stack = [volume.root_ino]
+            parts = [p for p in target.split(b"/") if p] + parts
+            continue
+        if parts and not stat.S_ISDIR(attr.mode):
+            raise NoEntryError(f"{path}: not a directory in the image")
+        stack.append(attr.ino)
+    return await volume.getattr(stack[-1])
 
 
 def _ls_line(name: bytes, a: Attr) -> str:
@@ -157,9 +203,12 @@ def _ls_line(name: bytes, a: Attr) -> str:
 async def _ls(image: str, path: str, opts: MountOptions) -> int:
     async with open_stack(image, opts) as stack:
         vol = stack.volume
-        attr = await _resolve(vol, path)
+        attr = await _resolve(vol, path, follow_last=path.endswith("/"))
         if not stat.S_ISDIR(attr.mode):
-            print(_ls_line(os.fsencode(path.rstrip("/").rsplit("/", 1)[-1]), attr))
+            line = _ls_line(os.fsencode(path.rstrip("/").rsplit("/", 1)[-1]), attr)
+            if stat.S_ISLNK(attr.mode):
+                line += " -> " + os.fsdecode(await vol.readlink(attr.ino))
+            print(line)
             return 0
         off = 0
         while True:
@@ -170,8 +219,9 @@ async def _ls(image: str, path: str, opts: MountOptions) -> int:
                 off = ent.next_off
                 if ent.name in (b".", b".."):
                     continue
-                line = _ls_line(ent.name, await vol.getattr(ent.ino))
-                if stat.S_ISLNK((await vol.getattr(ent.ino)).mode):
+                child = await vol.getattr(ent.ino)
+                line = _ls_line(ent.name, child)
+                if stat.S_ISLNK(child.mode):
                     line += " -> " + os.fsdecode(await vol.readlink(ent.ino))
                 print(line)
     return 0

@@ -1,4 +1,4 @@
-"""Mount options: the `-o` grammar, defaults and validation (one-line UsageError on anything bad)."""
+"""Mount options: the `-o` grammar, defaults and validation (a one-line UsageError if bad)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from asyncfs.errors import UsageError
+from asyncfs.io import parse_latency
 
 _SIZE_RE = re.compile(r"^(\d+)([kmgt]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -37,16 +38,6 @@ def _parse_int(text: str, what: str, lo: int, hi: int) -> int:
     return value
 
 
-def _parse_float(text: str, what: str, lo: float, hi: float) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"malformed number for {what}: {text!r}") from None
-    if not lo <= value <= hi:
-        raise UsageError(f"{what}={text} is out of range ({lo:g}..{hi:g})")
-    return value
-
-
 @dataclass
 class MountOptions:
     """Everything ``-o`` can set; defaults are the measured ones documented in docs/usage.md."""
@@ -61,6 +52,8 @@ class MountOptions:
     readahead: int = 128 * 1024
     max_tasks: int = 99
     latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    faults: bool = False
     backend: Literal["auto", "uring", "threads"] = "auto"
     odirect: bool | None = None
     verify_csum: bool = True
@@ -134,7 +127,12 @@ def _apply(opts: MountOptions, item: str) -> None:
     elif key == "max_tasks":
         opts.max_tasks = _parse_int(need_value(), key, 1, 10000)
     elif key == "latency":
-        opts.latency_ms = _parse_float(need_value(), key, 0.0, 60000.0)
+        opts.latency_ms, opts.latency_jitter_ms = parse_latency(need_value())
+        if opts.latency_ms + opts.latency_jitter_ms > 60000:
+            raise UsageError(f"latency={value} is out of range (at most 60000 ms)")
+    elif key == "faults":
+        no_value()
+        opts.faults = True
     elif key == "backend":
         v = need_value()
         if v not in ("auto", "uring", "threads"):

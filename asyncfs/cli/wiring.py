@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from asyncfs.cli.options import MountOptions
@@ -36,8 +36,9 @@ async def open_stack(image: str | os.PathLike[str], opts: MountOptions) -> Async
     )
     faults: FaultyDevice | None = None
     try:
-        if opts.latency_ms:
-            faults = FaultyDevice(device, latency_ms=opts.latency_ms)
+        if opts.latency_ms or opts.latency_jitter_ms or opts.faults:
+            faults = FaultyDevice(device, latency_ms=opts.latency_ms,
+                                  latency_jitter_ms=opts.latency_jitter_ms)
             device = faults
         cache = PageCache(
             device,

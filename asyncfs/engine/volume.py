@@ -54,6 +54,7 @@ from asyncfs.ext4.group import (
     inode_location,
     parse_group_desc,
 )
+from asyncfs.ext4.htree import DxBlock, DxRoot, parse_dx_node, parse_dx_root
 from asyncfs.ext4.inode import (
     EXT4_CASEFOLD_FL,
     EXT4_EA_INODE_FL,
@@ -81,6 +82,7 @@ _INODE_CACHE = 8192
 _INFO_CACHE = 2048
 _READDIR_BATCH = 1000
 _NOKEY_DIRS = 32
+_DIR_BLOCKS = 1024  # parsed directory blocks (and as many dx blocks / leaf name tables)
 _LINEAR_DIRS = 32
 _LINEAR_TABLE_MAX = 200_000  # entries; larger directories are scanned per lookup
 _MAX_SYMLINK = 4096  # the kernel reads at most one page of a slow symlink
@@ -157,6 +159,9 @@ class Volume:
         self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._attrs: OrderedDict[int, Attr] = OrderedDict()  # FIFO: getattr is the hot path
         self._nokey_dirs: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        self._dir_blocks: OrderedDict[tuple[int, int], list[Dirent]] = OrderedDict()
+        self._leaf_names: OrderedDict[tuple[int, int], dict[bytes, int]] = OrderedDict()
+        self._dx_blocks: OrderedDict[tuple[int, int], DxRoot | DxBlock] = OrderedDict()
         self._linear_dirs: OrderedDict[int, tuple[dict[bytes, int], tuple[int, ...]]] = (
             OrderedDict()
         )
@@ -462,14 +467,12 @@ class Volume:
         lblk, start = divmod(off, bs)
         nokey = await self._nokey_hash_version(inode) if inode.is_encrypted else None
         while lblk < nblocks:
-            raw = await self._dir_block(inode, info.fmap, lblk)
-            entries: list[Dirent] = []
-            if raw is not None:
-                try:
-                    entries = self._leaf_entries(inode, lblk, raw)
-                except ChecksumError:
-                    # ext4_readdir logs "directory fails checksum" and skips the block
-                    entries = []
+            try:
+                entries = await self._block_entries(inode, info.fmap, lblk)
+            except ChecksumError:
+                # ext4_readdir logs "directory fails checksum" and skips the block
+                entries = None
+            if entries is not None:
                 for e in entries:
                     if e.offset < start or not e.inode or not e.name:
                         continue
@@ -521,10 +524,7 @@ class Volume:
             names = {}
             bs = self.block_size
             for lblk in range((inode.i_size + bs - 1) // bs):
-                raw = await self._dir_block(inode, fmap, lblk)
-                if raw is None:
-                    continue
-                for e in self._leaf_entries(inode, lblk, raw):
+                for e in await self._block_entries(inode, fmap, lblk) or ():
                     if e.inode and e.name:
                         names.setdefault(self._nokey(e.name, version), e.inode)
             self._nokey_dirs[inode.ino] = names
@@ -586,10 +586,7 @@ class Volume:
         if nblocks > 1 and not self._casefolded(inode):
             return await self._linear_table_lookup(inode, info.fmap, name, nblocks)
         for lblk in range(nblocks):
-            raw = await self._dir_block(inode, info.fmap, lblk)
-            if raw is None:
-                continue
-            for e in self._leaf_entries(inode, lblk, raw):
+            for e in await self._block_entries(inode, info.fmap, lblk) or ():
                 if e.inode and self._name_eq(inode, e.name, name):
                     return e.inode
         raise NoEntryError(f"no entry {name!r}")
@@ -608,15 +605,12 @@ class Volume:
             names: dict[bytes, int] = {}
             bad: list[int] = []
             for lblk in range(nblocks):
-                raw = await self._dir_block(inode, fmap, lblk)
-                if raw is None:
-                    continue
                 try:
-                    entries = self._leaf_entries(inode, lblk, raw)
+                    entries = await self._block_entries(inode, fmap, lblk)
                 except ChecksumError:
                     bad.append(lblk)
                     continue
-                for e in entries:
+                for e in entries or ():
                     if e.inode and e.name:
                         names.setdefault(e.name, e.inode)
             table = (names, tuple(bad))
@@ -650,17 +644,80 @@ class Volume:
     async def dir_block_raw(self, inode: Inode, lblk: int) -> bytes | None:
         return await self._dir_block(inode, await self._fmap(inode), lblk)
 
+    async def _block_entries(
+        self, inode: Inode, fmap: FileMap, lblk: int
+    ) -> list[Dirent] | None:
+        """Parsed, checked records of directory block ``lblk`` (None: a hole), cached.
+
+        Parsing a block in Python costs far more than reading it from the page cache, and
+        find/tar look up every name readdir just listed, so parsed blocks are kept (bounded).
+        """
+        key = (inode.ino, lblk)
+        entries = self._dir_blocks.get(key)
+        if entries is not None:
+            self._dir_blocks.move_to_end(key)
+            return entries
+        raw = await self._dir_block(inode, fmap, lblk)
+        if raw is None:
+            return None
+        entries = self._leaf_entries(inode, lblk, raw)
+        self._dir_blocks[key] = entries
+        if len(self._dir_blocks) > _DIR_BLOCKS:
+            self._dir_blocks.popitem(last=False)
+        return entries
+
+    async def dx_block(self, inode: Inode, lblk: int) -> DxRoot | DxBlock:
+        key = (inode.ino, lblk)
+        node = self._dx_blocks.get(key)
+        if node is not None:
+            return node
+        raw = await self._dir_block(inode, await self._fmap(inode), lblk)
+        if raw is None:
+            raise CorruptionError(f"directory inode {inode.ino}: htree block {lblk} is a hole")
+        if not self._is_dx_block(inode, lblk, raw):
+            raise CorruptionError(
+                f"directory inode {inode.ino}: leaf block {lblk} found instead of index block"
+            )
+        self.check_index_block(inode, lblk, raw)
+        csum_on = self.sb.has_metadata_csum
+        if lblk == 0:
+            node = parse_dx_root(
+                raw,
+                block_size=self.block_size,
+                csum=csum_on,
+                largedir=self.sb.has_incompat(F.INCOMPAT_LARGEDIR),
+            )
+        else:
+            node = parse_dx_node(raw, block_size=self.block_size, csum=csum_on)
+        self._dx_blocks[key] = node
+        if len(self._dx_blocks) > _DIR_BLOCKS:
+            self._dx_blocks.popitem(last=False)
+        return node
+
+    async def leaf_names(self, inode: Inode, lblk: int) -> dict[bytes, int]:
+        key = (inode.ino, lblk)
+        names = self._leaf_names.get(key)
+        if names is None:
+            entries = await self._block_entries(inode, await self._fmap(inode), lblk)
+            if entries is None:
+                raise CorruptionError(f"directory inode {inode.ino}: htree leaf is a hole")
+            names = {}
+            for e in entries:
+                if e.inode and e.name:
+                    names.setdefault(e.name, e.inode)
+            self._leaf_names[key] = names
+            if len(self._leaf_names) > _DIR_BLOCKS:
+                self._leaf_names.popitem(last=False)
+        return names
+
+    def exact_names(self, inode: Inode) -> bool:
+        return not self._casefolded(inode)
+
     def check_index_block(self, inode: Inode, lblk: int, raw: bytes) -> None:
         if self.verify_csum and not csum.verify_dx_node(
             raw, self._inode_seed(inode.ino, inode.i_generation)
         ):
             raise self._bad_csum(f"directory inode {inode.ino} index block {lblk}")
-
-    def is_index_block(self, inode: Inode, lblk: int, raw: bytes) -> bool:
-        return self._is_dx_block(inode, lblk, raw)
-
-    def leaf_block_entries(self, inode: Inode, lblk: int, raw: bytes) -> list[Dirent]:
-        return self._leaf_entries(inode, lblk, raw)
 
     def name_matches(self, inode: Inode, disk: bytes, name: bytes) -> bool:
         return self._name_eq(inode, disk, name)

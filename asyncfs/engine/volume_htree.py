@@ -11,11 +11,9 @@ import logging
 import struct
 from typing import Protocol
 
-from asyncfs.errors import CorruptionError, NoEntryError, NotSupportedError
-from asyncfs.ext4.dirent import Dirent
+from asyncfs.errors import ChecksumError, CorruptionError, NoEntryError, NotSupportedError
 from asyncfs.ext4.dx_hash import DX_HASH_TEA, ext4fs_dirhash
-from asyncfs.ext4.features import INCOMPAT_LARGEDIR
-from asyncfs.ext4.htree import DxBlock, dx_search, parse_dx_node, parse_dx_root
+from asyncfs.ext4.htree import DxBlock, DxRoot, dx_search
 from asyncfs.ext4.inode import Inode
 from asyncfs.ext4.superblock import Superblock
 
@@ -26,34 +24,30 @@ class DxHost(Protocol):
     sb: Superblock
     block_size: int
 
-    async def dir_block_raw(self, inode: Inode, lblk: int) -> bytes | None: ...
+    async def dx_block(self, inode: Inode, lblk: int) -> DxRoot | DxBlock:
+        """Parsed (and checksum-checked) index block; the root for ``lblk`` 0.
 
-    def check_index_block(self, inode: Inode, lblk: int, raw: bytes) -> None: ...
+        CorruptionError if it is not an index block or fails its checks."""
+        ...
 
-    def is_index_block(self, inode: Inode, lblk: int, raw: bytes) -> bool: ...
-
-    def leaf_block_entries(self, inode: Inode, lblk: int, raw: bytes) -> list[Dirent]: ...
+    async def leaf_names(self, inode: Inode, lblk: int) -> dict[bytes, int]:
+        """name -> inode of the live entries of leaf block ``lblk`` (checksum-checked)."""
+        ...
 
     def name_matches(self, inode: Inode, disk: bytes, name: bytes) -> bool: ...
 
     def hash_name(self, inode: Inode, name: bytes) -> bytes: ...
 
-
-async def _read(host: DxHost, inode: Inode, lblk: int, what: str) -> bytes:
-    raw = await host.dir_block_raw(inode, lblk)
-    if raw is None:
-        raise CorruptionError(f"directory inode {inode.ino}: htree {what} block {lblk} is a hole")
-    return raw
+    def exact_names(self, inode: Inode) -> bool:
+        """True when names match byte for byte (so a dict lookup is enough)."""
+        ...
 
 
 async def _index_node(host: DxHost, inode: Inode, lblk: int) -> DxBlock:
-    raw = await _read(host, inode, lblk, "index")
-    if not host.is_index_block(inode, lblk, raw):
-        raise CorruptionError(
-            f"directory inode {inode.ino}: leaf block {lblk} found instead of index block"
-        )
-    host.check_index_block(inode, lblk, raw)
-    return parse_dx_node(raw, block_size=host.block_size, csum=host.sb.has_metadata_csum)
+    node = await host.dx_block(inode, lblk)
+    if isinstance(node, DxRoot):
+        raise CorruptionError(f"directory inode {inode.ino}: htree points back to its root")
+    return node
 
 
 async def dx_lookup(host: DxHost, inode: Inode, name: bytes) -> int | None:
@@ -64,15 +58,15 @@ async def dx_lookup(host: DxHost, inode: Inode, name: bytes) -> int | None:
     """
     sb = host.sb
     bs = host.block_size
-    root_raw = await _read(host, inode, 0, "root")
     try:
-        root = parse_dx_root(
-            root_raw, block_size=bs, csum=sb.has_metadata_csum, largedir=_largedir(sb)
-        )
+        root = await host.dx_block(inode, 0)
+    except ChecksumError:
+        raise
     except CorruptionError as err:
         log.warning("directory inode %d: bad htree root (%s), searching linearly", inode.ino, err)
         return None
-    host.check_index_block(inode, 0, root_raw)
+    if not isinstance(root, DxRoot):  # pragma: no cover - dx_block(0) always gives the root
+        return None
     version = root.hash_version
     if version <= DX_HASH_TEA:
         version += sb.hash_unsigned
@@ -89,21 +83,22 @@ async def dx_lookup(host: DxHost, inode: Inode, name: bytes) -> int | None:
         frames.append((node, at))
         if level < root.indirect_levels:
             node = await _index_node(host, inode, node.blocks[at])
+    exact = host.exact_names(inode)
     nblocks = (inode.i_size + bs - 1) // bs
     for _ in range(nblocks + 1):  # every step visits a new leaf: bounded by the directory size
         leaf_parent, at = frames[-1]
-        lblk = leaf_parent.blocks[at]
-        raw = await _read(host, inode, lblk, "leaf")
-        for ent in host.leaf_block_entries(inode, lblk, raw):
-            if ent.inode and host.name_matches(inode, ent.name, name):
-                return ent.inode
+        names = await host.leaf_names(inode, leaf_parent.blocks[at])
+        if exact:
+            found = names.get(name)
+            if found is not None:
+                return found
+        else:
+            for disk, ino in names.items():
+                if host.name_matches(inode, disk, name):
+                    return ino
         if not await _next_leaf(host, inode, frames, major):
             break
     raise NoEntryError(f"no entry {name!r}")
-
-
-def _largedir(sb: Superblock) -> bool:
-    return sb.has_incompat(INCOMPAT_LARGEDIR)
 
 
 async def _next_leaf(

@@ -227,15 +227,24 @@ class IndirectFileMap:
                 _append(runs, Run(pos, piece_end - pos))
                 pos = piece_end
                 continue
-            for lb in range(lblk, last_lblk):
+            # scan the pointer array for runs of consecutive blocks (or of zeros) so a
+            # contiguous file maps to one Run without per-block objects
+            lb = lblk
+            while lb < last_lblk:
                 p = arr[slot + lb - lblk]
-                piece_end = min(end, (lb + 1) * bs)
+                j = lb + 1
                 if p:
-                    self._check(p)
-                    _append(runs, Run(pos, piece_end - pos, p * bs + pos % bs))
+                    while j < last_lblk and arr[slot + j - lblk] == p + (j - lb):
+                        j += 1
+                    self._check(p + (j - lb) - 1)
                 else:
-                    _append(runs, Run(pos, piece_end - pos))
+                    while j < last_lblk and not arr[slot + j - lblk]:
+                        j += 1
+                piece_end = min(end, j * bs)
+                dev = p * bs + pos % bs if p else None
+                _append(runs, Run(pos, piece_end - pos, dev))
                 pos = piece_end
+                lb = j
         return runs
 
 

@@ -108,7 +108,7 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
             raise
         except (trio.Cancelled, KeyboardInterrupt):
             raise
-        except BaseException as exc:  # noqa: BLE001 - one reply per request, whatever failed
+        except BaseException as exc:  # one reply per request, whatever failed
             if isinstance(exc, (CorruptionError, DeviceIOError)) or not isinstance(
                 exc, AsyncfsError
             ):

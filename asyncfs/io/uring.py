@@ -131,7 +131,7 @@ class UringDevice(FileDeviceBase):
         if length == 0:
             await trio.lowlevel.checkpoint()
             return b""
-        while False:
+        while len(self._ops) >= self._depth:
             await self._slots.park()
             self._check(offset, length)
         if self._failed is not None:

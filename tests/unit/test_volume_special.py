@@ -195,3 +195,36 @@ async def test_uninitialized_extents_read_as_zeros(tmp_path: Path) -> None:
     assert runs[0].dev_off is None and any(x.dev_off is not None for x in runs)
     with kernel_mount(img) as kmnt:
         assert (kmnt / "pre").read_bytes() == data
+
+
+async def test_xattr_value_in_ea_inode(tmp_path: Path) -> None:
+    """ea_inode: a value too large for the xattr block lives in its own inode.
+
+    Broken variant: getxattr returning ``entry.value`` (b"" for EA-inode values) without
+    reading the EA inode -> the value differs from the kernel's and this fails."""
+    import os
+
+    from tests.imagegen import kernel_mount
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    big = os.urandom(3000)
+    os.setxattr(src / "f", "user.huge", big)
+    os.setxattr(src / "f", "user.small", b"hi")
+    img = tmp_path / "ea.img"
+    _run("mke2fs", "-q", "-F", "-t", "ext4", "-O", "ea_inode", "-b", "1024", "-d", str(src),
+         str(img), "16M")
+    r = PreadReader(img)
+    try:
+        vol = await Volume.open(r, device_size=r.size)
+        ino = (await vol.lookup(vol.root_ino, b"f")).ino
+        assert any(e.value_inum for e in await vol._xattrs(ino)), "value must be in an EA inode"
+        got = await vol.getxattr(ino, b"user.huge")
+        names = await vol.listxattr(ino)
+    finally:
+        r.close()
+    assert got == big
+    with kernel_mount(img) as kmnt:
+        assert os.getxattr(kmnt / "f", "user.huge") == got
+        assert sorted(os.fsencode(n) for n in os.listxattr(kmnt / "f")) == sorted(names)

@@ -1,0 +1,72 @@
+"""`asyncfs info|ls|cat` on real images, without FUSE: the commands scripts use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.imagegen import make_image
+
+
+def _asyncfs(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "asyncfs", *args], capture_output=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("cli")
+    src = base / "src"
+    (src / "dir" / "sub").mkdir(parents=True)
+    (src / "dir" / "file.txt").write_bytes(b"hello\n")
+    (src / "big.bin").write_bytes(os.urandom(3 << 20) + b"tail")
+    os.symlink("dir/file.txt", src / "rel-link")
+    os.symlink("/dir/sub/../file.txt", src / "abs-link")
+    os.symlink("loop-b", src / "loop-a")
+    os.symlink("loop-a", src / "loop-b")
+    return src, make_image(src, base / "cli.img", "ext4")
+
+
+def test_cat_matches_source_and_follows_symlinks(image: tuple[Path, Path]) -> None:
+    src, img = image
+    for path, want in [("/big.bin", (src / "big.bin").read_bytes()),
+                       ("dir/file.txt", b"hello\n"), ("/rel-link", b"hello\n"),
+                       ("/abs-link", b"hello\n")]:
+        r = _asyncfs("cat", str(img), path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == want, path
+
+
+def test_ls_lists_the_directory(image: tuple[Path, Path]) -> None:
+    src, img = image
+    r = _asyncfs("ls", str(img), "/")
+    assert r.returncode == 0, r.stderr
+    names = {line.split()[-1] for line in r.stdout.decode().splitlines() if "->" not in line}
+    names |= {line.split()[-3] for line in r.stdout.decode().splitlines() if "->" in line}
+    assert names == set(os.listdir(src)) | {"lost+found"}
+    assert b"rel-link -> dir/file.txt" in r.stdout
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("cat", "/nope"), b"no such file"),
+    (("cat", "/dir"), b"is a directory"),
+    (("cat", "/loop-a"), b"too many levels of symbolic links"),
+    (("cat", "/big.bin/x"), b"not a directory"),
+])
+def test_errors_are_one_line(image: tuple[Path, Path], args: tuple[str, str],
+                             needle: bytes) -> None:
+    _, img = image
+    r = _asyncfs(args[0], str(img), args[1])
+    assert r.returncode != 0
+    assert needle in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+
+
+def test_info_names_the_filesystem(image: tuple[Path, Path]) -> None:
+    _, img = image
+    r = _asyncfs("info", str(img))
+    assert r.returncode == 0, r.stderr
+    assert b"ext4" in r.stdout and b"no partition table" in r.stdout

@@ -1,0 +1,164 @@
+"""The FUSE adapter: one reply per request on every path (invariant 15), errno mapping, reads
+looped to the full length or EOF (invariant 8's FUSE half)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pyfuse3
+import pytest
+
+from asyncfs import errors
+from asyncfs.fuse.errnos import errno_for
+from asyncfs.fuse.ops import AsyncfsOperations
+from asyncfs.types import Attr, DirEntry, StatFs
+
+ROOT = 2
+
+
+def _attr(ino: int, mode: int = 0o100644, size: int = 0) -> Attr:
+    return Attr(ino=ino, mode=mode, nlink=1, uid=0, gid=0, rdev=0, size=size, blocks=0,
+                atime_ns=0, mtime_ns=0, ctime_ns=0, crtime_ns=0, blksize=4096)
+
+
+class FakeVolume:
+    """Answers from a dict; ``fail`` makes every call raise the given exception."""
+
+    root_ino = ROOT
+
+    def __init__(self, data: bytes = b"", chunk: int = 1 << 30) -> None:
+        self.data = data
+        self.chunk = chunk  # largest piece one read() returns (models partial progress)
+        self.fail: BaseException | None = None
+
+    def _check(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+
+    async def getattr(self, ino: int) -> Attr:
+        self._check()
+        return _attr(ino, 0o040755 if ino == ROOT else 0o100644, len(self.data))
+
+    async def lookup(self, parent_ino: int, name: bytes) -> Attr:
+        self._check()
+        return _attr(ROOT if name == b".." else 12)
+
+    async def readdir(self, ino: int, off: int) -> list[DirEntry]:
+        self._check()
+        ents = [DirEntry(b".", ROOT, 2, 1), DirEntry(b"..", ROOT, 2, 2), DirEntry(b"f", 12, 1, 3)]
+        return [e for e in ents if e.next_off > off]
+
+    async def readlink(self, ino: int) -> bytes:
+        self._check()
+        return b"target"
+
+    async def open(self, ino: int) -> Any:
+        self._check()
+        return object()
+
+    async def read(self, handle: Any, off: int, size: int) -> bytes:
+        self._check()
+        return self.data[off : off + min(size, self.chunk)]
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._check()
+        raise errors.NoAttrError("no such attribute")
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        self._check()
+        return [b"user.a"]
+
+    def statfs(self) -> StatFs:
+        self._check()
+        return StatFs(4096, 4096, 10, 5, 4, 100, 50, 255)
+
+
+CASES: list[tuple[BaseException, int]] = [
+    (errors.NoEntryError("x"), errno.ENOENT),
+    (errors.NotADirError("x"), errno.ENOTDIR),
+    (errors.NoAttrError("x"), errno.ENODATA),
+    (errors.ChecksumError("x"), errno.EIO),
+    (errors.CorruptionError("x"), errno.EIO),
+    (errors.DeviceIOError("x"), errno.EIO),
+    (errors.NotSupportedError("x"), errno.EOPNOTSUPP),
+    (RuntimeError("a bug"), errno.EIO),
+    (KeyError("a bug"), errno.EIO),
+    (RecursionError(), errno.EIO),
+]
+
+
+@pytest.mark.parametrize(("exc", "code"), CASES, ids=lambda c: type(c).__name__)
+async def test_every_failure_is_exactly_one_errno_reply(exc: BaseException, code: int) -> None:
+    """Invariant 15. Broken variant: `_call` without its catch-all `except BaseException`
+    (only AsyncfsError mapped) -> RuntimeError/KeyError escape into pyfuse3's worker loop,
+    which would end the whole mount with no reply to the kernel; this test then fails."""
+    vol = FakeVolume(b"x" * 100)
+    ops = AsyncfsOperations(vol)
+    fh = (await ops.open(12, 0, None)).fh
+    vol.fail = exc
+    handlers = {
+        "lookup": lambda: ops.lookup(1, b"f"),
+        "getattr": lambda: ops.getattr(12),
+        "readlink": lambda: ops.readlink(12, None),
+        "opendir": lambda: ops.opendir(1, None),
+        "open": lambda: ops.open(12, 0, None),
+        "read": lambda: ops.read(fh, 0, 10),
+        "getxattr": lambda: ops.getxattr(12, b"user.a", None),
+        "listxattr": lambda: ops.listxattr(12, None),
+        "statfs": lambda: ops.statfs(None),
+    }
+    for name, call in handlers.items():
+        with pytest.raises(pyfuse3.FUSEError) as ei:
+            await call()
+        assert ei.value.errno == code, name
+
+
+async def test_unexpected_errors_are_counted_and_answers_are_not() -> None:
+    vol = FakeVolume()
+    ops = AsyncfsOperations(vol)
+    vol.fail = errors.NoEntryError("x")
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.getattr(12)
+    assert ops.requests_failed == 0
+    vol.fail = RuntimeError("bug")
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.getattr(12)
+    assert ops.requests_failed == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+async def test_read_returns_full_length_or_eof(chunk: int) -> None:
+    """pyfuse3 pads a short reply with zeros, so a short read mid-file would hand the reader
+    zeros. Broken variant: return the first piece (`return first`) -> with chunk < size the
+    result is short and this fails."""
+    data = bytes(range(256)) * 400
+    ops = AsyncfsOperations(FakeVolume(data, chunk=chunk))
+    fh = (await ops.open(12, 0, None)).fh
+    assert bytes(await ops.read(fh, 0, 65536)) == data[:65536]
+    assert bytes(await ops.read(fh, 100000, 65536)) == data[100000:]  # EOF: short is right
+    assert bytes(await ops.read(fh, len(data), 10)) == b""
+
+
+async def test_write_paths_answer_erofs() -> None:
+    ops = AsyncfsOperations(FakeVolume())
+    for call in (lambda: ops.open(12, 1, None), lambda: ops.mkdir(1, b"d", 0o755, None),
+                 lambda: ops.unlink(1, b"f", None), lambda: ops.setxattr(12, b"a", b"b", None),
+                 lambda: ops.access(12, 2, None)):
+        with pytest.raises(pyfuse3.FUSEError) as ei:
+            await call()
+        assert ei.value.errno == errno.EROFS
+
+
+async def test_root_reports_ext4_inode_number() -> None:
+    """stat of the mount root shows ext4's 2 (as the kernel's mount does) while lookups name
+    FUSE's node 1 for it."""
+    ops = AsyncfsOperations(FakeVolume())
+    assert (await ops.getattr(pyfuse3.ROOT_INODE)).st_ino == ROOT
+    assert (await ops.lookup(pyfuse3.ROOT_INODE, b"..")).st_ino == pyfuse3.ROOT_INODE
+
+
+def test_errno_table_prefers_subclasses() -> None:
+    assert errno_for(errors.ChecksumError("x")) == errno.EIO
+    assert errno_for(errors.NoEntryError("x")) == errno.ENOENT
+    assert errno_for(ValueError()) == errno.EIO
