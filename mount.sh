@@ -52,8 +52,14 @@ setup_venv() {
   fi
   local py; py=$(pick_python)
   [ -x .venv/bin/python ] || "$py" -m venv .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+  say "installing asyncfs and its Python dependencies into .venv ..."
+  if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
+         .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'; \
+       } > .venv/setup.log 2>&1; then
+    tail -n 30 .venv/setup.log >&2
+    say "asyncfs: installing the Python dependencies failed (full log: .venv/setup.log)"
+    exit 1
+  fi
   echo "$want" > "$stamp"
 }
 
@@ -77,7 +83,7 @@ case "${1:-}" in
     mkdir -p build mnt
     if [ ! -f build/demo.img ]; then
       say "building the demo image build/demo.img ..."
-      .venv/bin/python -m asyncfs.cli.demo build/demo.img
+      .venv/bin/python -m asyncfs.cli.demo build/demo.img >/dev/null
     fi
     if grep -q " $HERE/mnt fuse.asyncfs " /proc/self/mounts; then
       say "the demo image is already mounted on ./mnt"

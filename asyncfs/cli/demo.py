@@ -63,7 +63,7 @@ def build_image(out: Path, big_mib: int = 256) -> None:
         subprocess.run(
             ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "asyncfs-demo", "-d", str(src),
              str(tmp_img), f"{size_mib}M"],
-            check=True,
+            check=True, stdout=subprocess.DEVNULL,
         )
         os.replace(tmp_img, out)
 

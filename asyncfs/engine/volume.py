@@ -82,6 +82,7 @@ _INODE_CACHE = 8192
 _INFO_CACHE = 2048
 _READDIR_BATCH = 1000
 _NOKEY_DIRS = 32
+_MAP_BLOCKS = 1024  # parsed extent / indirect blocks, volume-wide
 _DIR_BLOCKS = 1024  # parsed directory blocks (and as many dx blocks / leaf name tables)
 _LINEAR_DIRS = 32
 _LINEAR_TABLE_MAX = 200_000  # entries; larger directories are scanned per lookup
@@ -159,6 +160,8 @@ class Volume:
         self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._attrs: OrderedDict[int, Attr] = OrderedDict()  # FIFO: getattr is the hot path
         self._nokey_dirs: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        self._extent_nodes: OrderedDict[tuple[int, int], ExtentNode] = OrderedDict()
+        self._pointer_blocks: OrderedDict[int, array[int]] = OrderedDict()
         self._dir_blocks: OrderedDict[tuple[int, int], list[Dirent]] = OrderedDict()
         self._leaf_names: OrderedDict[tuple[int, int], dict[bytes, int]] = OrderedDict()
         self._dx_blocks: OrderedDict[tuple[int, int], DxRoot | DxBlock] = OrderedDict()
@@ -371,6 +374,14 @@ class Volume:
     async def extent_block(
         self, ino: int, generation: int, pblk: int, depth: int
     ) -> ExtentNode:
+        """Parsed, checked extent tree block; cached by (inode, block) with its depth."""
+        key = (ino, pblk)
+        hit = self._extent_nodes.get(key)
+        if hit is not None:
+            self._extent_nodes.move_to_end(key)
+            if hit.depth != depth:
+                raise CorruptionError(f"inode {ino}: extent node depth {hit.depth} != {depth}")
+            return hit
         if pblk >= self.blocks_count or pblk <= self.sb.s_first_data_block:
             raise CorruptionError(f"inode {ino}: extent block {pblk} outside the filesystem")
         raw = bytes(await self._reader.read_dev(pblk * self.block_size, self.block_size))
@@ -379,11 +390,23 @@ class Volume:
             raw, self._inode_seed(ino, generation)
         ):
             raise self._bad_csum(f"inode {ino}: extent block {pblk}")
+        self._extent_nodes[key] = node
+        if len(self._extent_nodes) > _MAP_BLOCKS:
+            self._extent_nodes.popitem(last=False)
         return node
 
     async def pointer_block(self, ino: int, pblk: int) -> array[int]:
+        """Parsed indirect block (u32 pointers), cached by block number."""
+        hit = self._pointer_blocks.get(pblk)
+        if hit is not None:
+            self._pointer_blocks.move_to_end(pblk)
+            return hit
         raw = await self._reader.read_dev(pblk * self.block_size, self.block_size)
-        return parse_pointer_block(bytes(raw))
+        ptrs = parse_pointer_block(bytes(raw))
+        self._pointer_blocks[pblk] = ptrs
+        if len(self._pointer_blocks) > _MAP_BLOCKS:
+            self._pointer_blocks.popitem(last=False)
+        return ptrs
 
     async def _fmap(self, inode: Inode) -> FileMap:
         info = await self._inode_info(inode)
@@ -438,7 +461,12 @@ class Volume:
         dx index blocks contribute only what the kernel shows of them ("." and ".." of the
         root); a checksum mismatch raises ChecksumError (with a log line).
         """
-        if self._is_dx_block(inode, lblk, raw):
+        if self._is_dx_block(inode, lblk, raw) and (
+            lblk == 0 or int.from_bytes(raw[0:4], "little") == 0
+        ):
+            # an index node's fake record has inode 0; a leaf holding one entry that spans
+            # the whole block (no checksum tail) also has rec_len == block size, and its
+            # entry must not be lost
             self.check_index_block(inode, lblk, raw)
             if lblk != 0:
                 return []

@@ -1,16 +1,14 @@
 """File maps: a file's byte ranges onto the device, for extent, block-map and inline files.
 
 Each class implements engine/interfaces.py ``FileMap``. Mapping blocks (extent index/leaf
-blocks, indirect pointer blocks) are read through the volume's metadata path (the page cache)
-and cached parsed, per file, in small bounded dicts; contiguous physical blocks come back as
-one Run.
+blocks, indirect pointer blocks) come parsed from the volume (which reads them through the page
+cache and keeps a bounded volume-wide cache); contiguous physical blocks come back as one Run.
 """
 
 from __future__ import annotations
 
 import bisect
 from array import array
-from collections import OrderedDict
 from typing import Protocol
 
 from asyncfs.errors import CorruptionError
@@ -29,8 +27,6 @@ from asyncfs.ext4.extents import (
 )
 from asyncfs.ext4.inode import Inode
 from asyncfs.types import Run
-
-_NODE_CACHE = 64  # parsed mapping blocks kept per open file map
 
 
 class MapHost(Protocol):
@@ -73,7 +69,6 @@ class ExtentFileMap:
         self._generation = inode.i_generation
         self._size = inode.i_size
         self._root = parse_extent_node(inode.i_block)
-        self._nodes: OrderedDict[int, ExtentNode] = OrderedDict()
         # the last leaf used, with the logical range it is responsible for
         self._leaf: tuple[int, int, ExtentNode] | None = None
 
@@ -82,13 +77,9 @@ class ExtentFileMap:
         return self._size
 
     async def _node(self, pblk: int, depth: int) -> ExtentNode:
-        node = self._nodes.get(pblk)
-        if node is None:
-            node = await self._host.extent_block(self._ino, self._generation, pblk, depth)
-            self._nodes[pblk] = node
-            if len(self._nodes) > _NODE_CACHE:
-                self._nodes.popitem(last=False)
-        return node
+        # the host caches parsed blocks volume-wide (bounded), so memory does not grow with
+        # the number of open files
+        return await self._host.extent_block(self._ino, self._generation, pblk, depth)
 
     async def leaf_for(self, lblk: int) -> tuple[ExtentNode, int]:
         """The leaf responsible for ``lblk`` and the first logical block past its range."""
@@ -158,7 +149,6 @@ class IndirectFileMap:
         self._iblock = i_block_pointers(inode.i_block)
         self._ppb = host.block_size // 4
         self._max = max_indirect_blocks(self._ppb)
-        self._ptrs: OrderedDict[int, array[int]] = OrderedDict()
 
     @property
     def size(self) -> int:
@@ -172,13 +162,7 @@ class IndirectFileMap:
         return pblk
 
     async def _pointers(self, pblk: int) -> array[int]:
-        ptrs = self._ptrs.get(pblk)
-        if ptrs is None:
-            ptrs = await self._host.pointer_block(self._ino, self._check(pblk))
-            self._ptrs[pblk] = ptrs
-            if len(self._ptrs) > _NODE_CACHE:
-                self._ptrs.popitem(last=False)
-        return ptrs
+        return await self._host.pointer_block(self._ino, self._check(pblk))
 
     async def _leaf(self, lblk: int) -> tuple[array[int] | tuple[int, ...] | None, int, int]:
         """(pointer array holding ``lblk``'s pointer or None for a hole, slot, slots left).
@@ -291,6 +275,9 @@ class EmptyFileMap:
     @property
     def size(self) -> int:
         return self._size
+
+    async def block(self, lblk: int) -> int | None:
+        return None
 
     async def map(self, off: int, length: int) -> list[Run]:
         end = min(off + length, self._size)

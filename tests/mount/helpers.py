@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from asyncfs.cli.control import fetch_stats
+from asyncfs.cli.control import fetch_stats, request
 
 
 def fuse_missing_reason() -> str | None:
@@ -58,6 +58,14 @@ def stats(mnt: Path) -> dict[str, Any]:
     """The daemon's counters, through the same socket `asyncfs stats` uses (in-process, so
     polling it is cheap)."""
     return fetch_stats(str(mnt))
+
+
+def fault(mnt: Path, action: str, start: int = 0, end: int = 0) -> dict[str, Any]:
+    """Fault injection on a mount made with ``-o faults`` (see `asyncfs fault`)."""
+    req: dict[str, Any] = {"op": "fault", "action": action}
+    if action == "eio":
+        req.update(start=start, end=end)
+    return request(str(mnt), req)
 
 
 def unmount(mnt: Path) -> None:

@@ -3,6 +3,7 @@ readers; the daemon always exits 0 and leaves the mount point free."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -10,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.mount.helpers import (
     daemon_pid,
+    fault,
     is_mounted,
     mounted,
     regular_files,
@@ -100,12 +103,12 @@ def test_unmount_with_readers_active(how: str, ext4_image: Path, small_tree: Pat
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
 
 
-def test_daemon_exit_status_is_zero_after_unmount(ext4_image: Path, tmp_path: Path) -> None:
-    """Foreground mode: the process we start is the daemon, so its exit status is visible."""
+@contextlib.contextmanager
+def foreground_daemon(img: Path, mnt: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`asyncfs mount -f`: the process we start is the daemon, so its exit status is visible."""
     require_fuse()
-    mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "asyncfs", "mount", "-f", str(ext4_image),
+    proc = subprocess.Popen([sys.executable, "-m", "asyncfs", "mount", "-f", str(img),
                              str(mnt)], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
@@ -113,53 +116,54 @@ def test_daemon_exit_status_is_zero_after_unmount(ext4_image: Path, tmp_path: Pa
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert os.listdir(mnt)
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-        assert proc.wait(15) == 0
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
+def test_daemon_exit_status_is_zero_after_unmount(ext4_image: Path, tmp_path: Path) -> None:
+    with foreground_daemon(ext4_image, tmp_path / "mnt") as proc:
+        assert os.listdir(tmp_path / "mnt")
+        subprocess.run(["fusermount3", "-u", str(tmp_path / "mnt")], check=True)
+        assert proc.wait(15) == 0
 
 
 def test_sigterm_foreground_exit_zero(ext4_image: Path, tmp_path: Path) -> None:
-    require_fuse()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "asyncfs", "mount", "-f", str(ext4_image),
-                             str(mnt)], stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+    with foreground_daemon(ext4_image, tmp_path / "mnt") as proc:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        assert not is_mounted(mnt)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        assert not is_mounted(tmp_path / "mnt")
 
 
 def test_killed_parked_reader_leaves_mount_serving(ext4_image: Path, small_tree: Path,
                                                     tmp_path: Path) -> None:
-    """A reader SIGKILLed while its read is parked on a page under slow I/O: the mount keeps
-    serving and parked_now returns to 0 once that I/O completes."""
+    """Readers SIGKILLed while their reads are parked on a page whose I/O is stalled: the mount
+    keeps serving and parked_now returns to 0 once that I/O completes."""
     src = _big_file(small_tree)
     rel = src.relative_to(small_tree)
-    with mounted(ext4_image, tmp_path / "mnt", "latency=300", "direct_io") as mnt:
-        # Two readers of the same uncached range: the first submits the I/O, the rest park.
+    with mounted(ext4_image, tmp_path / "mnt", "faults", "direct_io") as mnt:
+        os.stat(mnt / rel)  # names and inode cached before the device stops
+        fault(mnt, "stall")
+        # Readers of the same uncached page: the first submits the (stalled) I/O, the rest
+        # park on its wait queue.
         procs = [subprocess.Popen(["dd", f"if={mnt / rel}", "of=/dev/null", "bs=4k", "count=1",
                                    "status=none"]) for _ in range(4)]
         deadline = time.monotonic() + 10
-        while stats(mnt)["parked_now"] == 0:
-            assert time.monotonic() < deadline, "no reader ever parked"
+        while stats(mnt)["parked_now"] < 3:
+            assert time.monotonic() < deadline, f"readers did not park: {stats(mnt)}"
             time.sleep(0.02)
         for p in procs[1:]:
             p.kill()
-        for p in procs:
-            p.wait(30)
+        # A FUSE request already handed to the daemon holds its killed process until the
+        # reply (the kernel waits it out uninterruptibly), so the requests are still parked.
+        time.sleep(0.2)
+        assert stats(mnt)["parked_now"] >= 3
+        fault(mnt, "release")
+        for p in procs[1:]:
+            p.wait(10)
+        assert procs[0].wait(10) == 0
         deadline = time.monotonic() + 10
         while stats(mnt)["parked_now"] != 0:
             assert time.monotonic() < deadline, "parked_now did not return to 0"

@@ -36,8 +36,8 @@ def _out(cmd: list[str], cwd: Path) -> bytes:
     [
         ["find", ".", "-ls"],
         ["find", ".", "-printf", "%p %i %n %m %U %G %s %b %T@ %A@ %C@ %y %l\\n"],
-        ["du", "-a", "--block-size=1"],
-        ["du", "-a", "--apparent-size", "--block-size=1"],
+        ["du", "-a", "-l", "--block-size=1"],  # -l: hard links counted wherever met
+        ["du", "-a", "-l", "--apparent-size", "--block-size=1"],
         ["getfattr", "-R", "-h", "-d", "-m", "-", "--absolute-names", "."],
         ["stat", "-f", "-c", "%b %f %a %c %d %l %s %S", "."],
         ["tar", "c", "--sort=name", "--numeric-owner", "--xattrs", "--xattrs-include=*",

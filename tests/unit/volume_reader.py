@@ -49,3 +49,34 @@ class PreadReader:
 
     def new_readahead(self) -> object:
         return object()
+
+
+class MemReader:
+    """The same DeviceReader over an in-memory image (for fuzzing mutated copies)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = bytes(data)
+        self.size = len(self.data)
+
+    async def read_dev(self, off: int, length: int) -> bytes:
+        if off < 0 or off + length > self.size:
+            from asyncfs.errors import DeviceIOError
+
+            raise DeviceIOError(f"read past the end of the image at {off}+{length}")
+        return self.data[off : off + length]
+
+    async def read_file(
+        self, fmap: FileMap, ra: object | None, off: int, size: int
+    ) -> bytes | memoryview:
+        out = bytearray()
+        for run in await fmap.map(off, size):
+            if run.data is not None:
+                out += run.data
+            elif run.dev_off is not None:
+                out += await self.read_dev(run.dev_off, run.length)
+            else:
+                out += bytes(run.length)
+        return bytes(out)
+
+    def new_readahead(self) -> object:
+        return object()
