@@ -525,33 +525,56 @@ class PageCache:
     async def _io_task(self, pages: list[Page]) -> None:
         off = pages[0].index << PAGE_SHIFT
         length = min(len(pages) << PAGE_SHIFT, self._dev_size - off)
-        buf: bytes | None = None
-        err: str | None = None
+        done = False
+        try:
+            buf, err, eio = await self._read_range(off, length)
+            if eio and len(pages) > 1 and not self._closed:
+                # A coalesced read failed, perhaps for one bad sector: read its pages one by
+                # one (the kernel's readpage after a failed readahead), so only the pages that
+                # really fail get ERROR and a reader of a good neighbour still gets its bytes.
+                self.inflight_io += len(pages) - 1  # each page now completes on its own
+                self.backend_reads += len(pages)
+                done = True
+                async with trio.open_nursery() as nursery:
+                    for i, p in enumerate(pages):
+                        p_off = off + (i << PAGE_SHIFT)
+                        nursery.start_soon(self._retry_page, p, p_off,
+                                           min(PAGE_SIZE, off + length - p_off))
+                return
+            done = True
+            self._complete(pages, buf, err, off, length)
+        finally:
+            if not done:  # KeyboardInterrupt or a bug above: never leave pages locked
+                self._complete(pages, None, "read aborted", off, length)
+
+    async def _retry_page(self, page: Page, off: int, length: int) -> None:
+        buf, err, _ = await self._read_range(off, length)
+        self._complete([page], buf, err, off, length)
+
+    async def _read_range(self, off: int, length: int) -> tuple[bytes | None, str | None, bool]:
+        """One backend read: ``(bytes, None, False)``, or ``(None, why, is_device_error)``.
+        Never raises for a failed read (the pages must be completed whatever happens)."""
         try:
             if self._closed:
-                err = "page cache closed"
-            else:
-                with trio.CancelScope() as cs:
-                    self._io_scopes.add(cs)
-                    try:
-                        got = await self._dev.read(off, length)
-                    finally:
-                        self._io_scopes.discard(cs)
-                if cs.cancelled_caught:
-                    err = "read cancelled (page cache closing)"
-                elif len(got) != length:
-                    err = f"short read: {len(got)} of {length} bytes at {off}"
-                else:
-                    buf = got if isinstance(got, bytes) else bytes(got)
+                return None, "page cache closed", False
+            with trio.CancelScope() as cs:
+                self._io_scopes.add(cs)
+                try:
+                    got = await self._dev.read(off, length)
+                finally:
+                    self._io_scopes.discard(cs)
+            if cs.cancelled_caught:
+                return None, "read cancelled (page cache closing)", False
+            if len(got) != length:
+                return None, f"short read: {len(got)} of {length} bytes at {off}", False
+            return (got if isinstance(got, bytes) else bytes(got)), None, False
         except DeviceIOError as e:
-            err = str(e)
+            return None, str(e), True
         except trio.Cancelled:
-            err = "read cancelled"
+            return None, "read cancelled", False
         except Exception as e:  # backend bug: fail these pages, keep the loop alive
             log.exception("backend read at %d failed", off)
-            err = f"{type(e).__name__}: {e}"
-        finally:
-            self._complete(pages, buf, err, off, length)
+            return None, f"{type(e).__name__}: {e}", False
 
     def _complete(
         self,

@@ -54,7 +54,13 @@ from asyncfs.ext4.group import (
     inode_location,
     parse_group_desc,
 )
-from asyncfs.ext4.htree import DxBlock, DxRoot, parse_dx_node, parse_dx_root
+from asyncfs.ext4.htree import (
+    DxBlock,
+    DxRoot,
+    parse_dx_node,
+    parse_dx_root,
+    readdir_hash_order,
+)
 from asyncfs.ext4.inode import (
     EXT4_CASEFOLD_FL,
     EXT4_EA_INODE_FL,
@@ -82,6 +88,8 @@ _INODE_CACHE = 8192
 _INFO_CACHE = 2048
 _READDIR_BATCH = 1000
 _NOKEY_DIRS = 32
+_SORTED_DIRS = 64  # hash-ordered listings kept ...
+_SORTED_ENTRIES = 500_000  # ... and their entries in all (the newest is always kept)
 _MAP_BLOCKS = 1024  # parsed extent / indirect blocks, volume-wide
 _DIR_BLOCKS = 1024  # parsed directory blocks (and as many dx blocks / leaf name tables)
 _LINEAR_DIRS = 32
@@ -160,6 +168,8 @@ class Volume:
         self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._attrs: OrderedDict[int, Attr] = OrderedDict()  # FIFO: getattr is the hot path
         self._nokey_dirs: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        self._sorted_dirs: OrderedDict[int, list[DirEntry]] = OrderedDict()
+        self._sorted_entries = 0
         self._extent_nodes: OrderedDict[tuple[int, int], ExtentNode] = OrderedDict()
         self._pointer_blocks: OrderedDict[int, array[int]] = OrderedDict()
         self._dir_blocks: OrderedDict[tuple[int, int], list[Dirent]] = OrderedDict()
@@ -482,9 +492,13 @@ class Volume:
         return self.sb.has_compat(F.COMPAT_DIR_INDEX) and inode.has_flag(EXT4_INDEX_FL)
 
     async def readdir(self, ino: int, off: int) -> list[DirEntry]:
-        """Entries after cookie ``off`` (0: from the start), at most about one batch."""
+        """Entries after cookie ``off`` (0: from the start), at most about one batch, in the
+        kernel's order: hash order for what ext4 treats as a dx directory, else disk order."""
         inode = await self._dir_inode(ino)
         info = await self._inode_info(inode)
+        listing = await self._hash_listing(inode, info)
+        if listing is not None:
+            return listing[off : off + _READDIR_BATCH]
         if info.inline is not None:
             return self._readdir_inline(inode, info.inline, off)
         if info.fmap is None:  # pragma: no cover - directories always get a map
@@ -512,6 +526,102 @@ class Volume:
             if len(out) >= _READDIR_BATCH or (out and lblk < nblocks):
                 break
         return out
+
+    def _is_dx_dir(self, inode: Inode, info: Any) -> bool:
+        """fs/ext4/dir.c is_dx_dir: readdir takes the hash-ordered path."""
+        return self.sb.has_compat(F.COMPAT_DIR_INDEX) and (
+            inode.has_flag(EXT4_INDEX_FL)
+            or inode.i_size >> (10 + self.sb.s_log_block_size) == 1
+            or info.inline is not None
+        )
+
+    async def _hash_listing(self, inode: Inode, info: Any) -> list[DirEntry] | None:
+        """The whole directory in ext4_dx_readdir's order, cookies = positions; None where the
+        kernel lists in disk order (not a dx dir, or an unusable index: ERR_BAD_DX_DIR).
+
+        The order is a property of the image, so it is computed once per directory (bounded
+        cache) and a listing in pieces can never repeat or skip an entry.
+        """
+        if not self._is_dx_dir(inode, info):
+            return None
+        cached = self._sorted_dirs.get(inode.ino)
+        if cached is not None:
+            self._sorted_dirs.move_to_end(inode.ino)
+            return cached
+        sb = self.sb
+        seed = struct.unpack("<4I", sb.s_hash_seed)
+        version = sb.s_def_hash_version
+        # (major, minor, name as stored, inode, file type) in the kernel's traversal order
+        keyed: list[tuple[int, int, bytes, int, int]] = []
+        dots: list[tuple[bytes, int, int]] = []
+        raw_items: list[tuple[bytes, int, int]] = []
+        if info.inline is not None:
+            parent = int.from_bytes(info.inline[:4], "little")
+            raw_items = [(b".", inode.ino, FT_DIR), (b"..", parent, FT_DIR)]
+            raw_items += [(e.name, e.inode, e.file_type)
+                          for e in self._inline_dirents(inode, info.inline)]
+        elif inode.has_flag(EXT4_INDEX_FL):
+            try:
+                root = await self.dx_block(inode, 0)
+                leaves = await self._dx_leaves(inode, root)
+            except ChecksumError:
+                raise
+            except CorruptionError as err:
+                log.warning("directory inode %d: bad htree (%s), listing linearly",
+                            inode.ino, err)
+                return None
+            if not isinstance(root, DxRoot):  # pragma: no cover - block 0 is the root
+                return None
+            version = root.hash_version
+            block0 = await self._block_entries(inode, info.fmap, 0) or []
+            dots = [(e.name, e.inode, e.file_type) for e in block0[:2]]
+            for lblk in leaves:
+                for e in await self._block_entries(inode, info.fmap, lblk) or ():
+                    raw_items.append((e.name, e.inode, e.file_type))
+        else:
+            for e in await self._block_entries(inode, info.fmap, 0) or ():
+                raw_items.append((e.name, e.inode, e.file_type))
+        if version <= DX_HASH_TEA:
+            version += sb.hash_unsigned
+        # the root's "." and ".." go in with the fixed hashes 0 and 2 (ext4_htree_fill_tree)
+        for (name, ino, ftype), major in zip(dots, (0, 2), strict=False):
+            keyed.append((major, 0, name, ino, ftype))
+        try:
+            for name, ino, ftype in raw_items:
+                if ino and name:
+                    major, minor = ext4fs_dirhash(self.hash_name(inode, name), version, seed)
+                    keyed.append((major, minor, name, ino, ftype))
+        except NotSupportedError:
+            return None  # a hash we cannot compute (SipHash without the key): disk order
+        nokey = await self._nokey_hash_version(inode) if inode.is_encrypted else None
+        ordered = readdir_hash_order([(k[0], k[1], k) for k in keyed])
+        listing = [
+            DirEntry(name if nokey is None else self._nokey(name, nokey), ino, ftype, pos)
+            for pos, (_, _, name, ino, ftype) in enumerate(ordered, start=1)
+        ]
+        self._sorted_dirs[inode.ino] = listing
+        self._sorted_entries += len(listing)
+        while len(self._sorted_dirs) > 1 and (
+            len(self._sorted_dirs) > _SORTED_DIRS or self._sorted_entries > _SORTED_ENTRIES
+        ):
+            _, old = self._sorted_dirs.popitem(last=False)
+            self._sorted_entries -= len(old)
+        return listing
+
+    async def _dx_leaves(self, inode: Inode, root: DxRoot | DxBlock) -> list[int]:
+        """Leaf blocks of an htree in index order (the order ext4_htree_next_block walks)."""
+        if not isinstance(root, DxRoot):  # pragma: no cover - block 0 is the root
+            raise CorruptionError(f"directory inode {inode.ino}: no htree root")
+        level = list(root.node.blocks[: root.node.count])
+        for _ in range(root.indirect_levels):
+            nxt: list[int] = []
+            for lblk in level:
+                node = await self.dx_block(inode, lblk)
+                if isinstance(node, DxRoot):
+                    raise CorruptionError(f"directory inode {inode.ino}: htree loops to root")
+                nxt.extend(node.blocks[: node.count])
+            level = nxt
+        return level
 
     async def _nokey_hash_version(self, inode: Inode) -> int:
         """Hash version whose (major, minor) prefix the no-key names of ``inode`` carry, or -1

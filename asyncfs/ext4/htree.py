@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TypeVar
 
 from asyncfs.errors import CorruptionError
 from asyncfs.ext4.dirent import dir_rec_len
@@ -20,6 +21,8 @@ DX_HASH_SIPHASH = 6
 _DX_ENTRY = 8
 DX_TAIL_SIZE = 8
 _ROOT_INFO_OFF = 24  # after the "." (12 bytes) and ".." records
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +110,22 @@ def parse_dx_node(raw: bytes, *, block_size: int, csum: bool) -> DxBlock:
 def dx_search(node: DxBlock, hash_: int) -> int:
     """Index of the entry whose range holds ``hash_`` (the last with hash <= target)."""
     return max(bisect.bisect_right(node.hashes, hash_, lo=1) - 1, 0)
+
+
+def readdir_hash_order(keyed: list[tuple[int, int, T]]) -> list[T]:
+    """Order ``(major, minor, item)`` as ext4_dx_readdir emits them (fs/ext4/dir.c).
+
+    The kernel stores each entry in an rbtree keyed by (major, minor) hash; an exact collision
+    is chained *right after the first* entry with that key (``ext4_htree_store_dirent``), so a
+    key seen as a, b, c comes out a, c, b. ``keyed`` is in traversal order (leaf by leaf, each
+    block front to back).
+    """
+    groups: dict[tuple[int, int], list[T]] = {}
+    for major, minor, item in keyed:
+        groups.setdefault((major, minor), []).append(item)
+    out: list[T] = []
+    for key in sorted(groups):
+        chain = groups[key]
+        out.append(chain[0])
+        out.extend(reversed(chain[1:]))
+    return out

@@ -389,3 +389,13 @@ def test_fuzz_indirect_path(lblk: int, ppb: int) -> None:
     except AsyncfsError:
         return
     assert 1 <= len(path) <= 4 and all(0 <= s < max(ppb, 15) for s in path)
+
+
+def test_readdir_hash_order_sorts_and_chains_collisions_like_the_kernel() -> None:
+    """ext4_htree_store_dirent chains an exact (major, minor) collision right after the first
+    entry, so a, b, c with one key come out a, c, b. Broken variant: a plain stable sort
+    (a, b, c) fails this."""
+    from asyncfs.ext4.htree import readdir_hash_order
+
+    keyed = [(8, 1, "x"), (4, 0, "a"), (4, 0, "b"), (2, 0, ".."), (4, 0, "c"), (4, 1, "d")]
+    assert readdir_hash_order(keyed) == ["..", "a", "c", "b", "d", "x"]

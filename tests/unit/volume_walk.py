@@ -139,6 +139,7 @@ async def volume_snapshot(vol: Volume, *, xattrs: bool = True) -> Snapshot:
             entries = await listing(vol, ino)
             names_only = [n for n, _, _ in entries if n not in (b".", b"..")]
             rec["names"] = sorted(names_only)
+            rec["order"] = names_only  # readdir order, which `ls -U`, find and du follow
             rec["dup_names"] = len(names_only) != len(set(names_only))
             for name, child, _ft in entries:
                 if name in (b".", b".."):
@@ -192,6 +193,7 @@ def os_snapshot(root: Path, *, xattrs: bool = True) -> Snapshot:
         elif stat.S_ISDIR(st.st_mode):
             names = sorted(os.listdir(path))
             rec["names"] = names
+            rec["order"] = os.listdir(path)  # getdents order
             rec["dup_names"] = False
             for n in names:
                 stack.append(os.path.join(rel, n) if rel else n)
