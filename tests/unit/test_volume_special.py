@@ -113,10 +113,12 @@ def _make_encrypted(img: Path, mnt: Path) -> None:
 
 async def test_encrypted_names_and_metadata_without_key(tmp_path: Path) -> None:
     """Without the key, names, sizes, symlink targets and listings equal the kernel's no-key
-    view; contents give NotSupportedError.
+    view; contents give NoKeyError, which the FUSE adapter answers with the kernel's ENOKEY.
 
     Broken variant: no-key names without the directory-hash prefix (zeros) -> every name in
     the hashed directory differs from the kernel's; symlink size from i_size -> differs."""
+    from asyncfs.errors import NoKeyError
+    from asyncfs.fuse.errnos import errno_for
     from tests.imagegen import kernel_mount, kernel_mount_unavailable
     from tests.unit.test_volume_corpus import KERNEL_FIELDS
     from tests.unit.volume_walk import diff_snapshots, os_snapshot, volume_snapshot
@@ -142,7 +144,9 @@ async def test_encrypted_names_and_metadata_without_key(tmp_path: Path) -> None:
     with kernel_mount(img) as kmnt:
         ref = os_snapshot(kmnt)
     assert {rec.get("content") for p, rec in snap.items() if p.startswith(b"enc/")} - {
-        None} == {"NotSupportedError"}
+        None} == {"NoKeyError"}
+    kernel_errors = {rec.get("content") for p, rec in ref.items() if p.startswith(b"enc/")}
+    assert kernel_errors - {None} == {f"errno {errno_for(NoKeyError('x'))}"}
     diffs = diff_snapshots(snap, ref, KERNEL_FIELDS - {"content"})
     assert diffs == [], "\n".join(diffs[:20])
     assert snap[b"plain"]["content"] == ref[b"plain"]["content"]
