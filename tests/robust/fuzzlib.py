@@ -13,7 +13,8 @@ Oracles, per case (:func:`run_case`):
 * every operation of the walk either answers or raises an ``AsyncfsError``; anything else is a
   bug ("crash");
 * every operation finishes within ``op_timeout`` (trio) and the case within ``case_timeout``
-  (SIGALRM, for loops that never await): else "hang";
+  (SIGALRM, for loops that never await): else "hang"; no single trio task step holds the
+  event loop longer than ``step_limit`` (every other request would wait): else "stall";
 * memory stays bounded: the process's RSS high-water mark rises by less than ``mem_limit``
   during the case (or, with ``trace_memory``, tracemalloc's peak stays below it; 10x slower):
   else "memory";
@@ -707,6 +708,7 @@ class Outcome:
     seconds: float = 0.0
     peak_mib: float = 0.0
     log_records: int = 0
+    longest_step: float = 0.0
     errors: int = 0
     inodes: int = 0
 
@@ -986,6 +988,24 @@ def _compare(ino: int, got: InodeView, want: InodeView) -> str | None:
     return None
 
 
+class _StepTimer(trio.abc.Instrument):
+    """Longest single trio task step: how long one request held the event loop."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.what = ""
+        self._t = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._t = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        dt = time.perf_counter() - self._t
+        if dt > self.longest:
+            self.longest = dt
+            self.what = task.name
+
+
 class _LogCounter(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -1011,7 +1031,7 @@ def _watchdog(seconds: float) -> Iterator[None]:
 
 def run_case(store: ImageStore, case: Case, workdir: Path, *, op_timeout: float = 10.0,
              case_timeout: float = 60.0, mem_limit_mib: float = 64.0,
-             trace_memory: bool = False) -> Outcome:
+             trace_memory: bool = False, step_limit: float = 1.0) -> Outcome:
     """Build the damaged image for ``case``, mount it in-process and walk it, with every
     oracle of the module docstring. Never raises for a bug in asyncfs: it is the verdict."""
     pristine = store.image(case.preset, case.profile, case.seed)
@@ -1028,6 +1048,7 @@ def run_case(store: ImageStore, case: Case, workdir: Path, *, op_timeout: float 
     old_propagate = logger.propagate
     logger.propagate = False
     walker: Walker | None = None
+    steps = _StepTimer()
     t0 = time.monotonic()
     peak = 0.0
     outcome: Outcome
@@ -1064,7 +1085,7 @@ def run_case(store: ImageStore, case: Case, workdir: Path, *, op_timeout: float 
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         with _watchdog(case_timeout):
-            outcome = trio.run(main)
+            outcome = trio.run(main, instruments=[steps])
     except CaseFailure as e:
         outcome = Outcome(e.verdict, e.detail)
     except _Hang:
@@ -1097,6 +1118,11 @@ def run_case(store: ImageStore, case: Case, workdir: Path, *, op_timeout: float 
         peak = grew  # the process's high-water mark rose by this much during the case
     outcome.peak_mib = peak
     outcome.log_records = counter.count
+    outcome.longest_step = steps.longest
+    if not outcome.failed and steps.longest > step_limit:
+        outcome = dataclasses.replace(
+            outcome, verdict="stall",
+            detail=f"one task step held the event loop {steps.longest:.2f}s ({steps.what})")
     if counter.by_msg and not outcome.failed:
         msg, n = max(counter.by_msg.items(), key=lambda kv: kv[1])
         if n > LOG_REPEAT_LIMIT:
