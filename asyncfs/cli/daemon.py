@@ -21,6 +21,7 @@ import trio
 
 from asyncfs import __version__
 from asyncfs.cli import control
+from asyncfs.cli.mountpoint import tune_fuse_connection
 from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import open_stack
 from asyncfs.errors import AsyncfsError, UsageError
@@ -80,6 +81,7 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
                                         partial(_handle_request, snapshot, stack.faults, opts))
                     reporter.send("OK")
                     log.info("mounted %s on %s", image, mountpoint)
+                    nursery.start_soon(_tune_after_init, ops, mountpoint, opts)
                     signalled = trio.Event()
                     nursery.start_soon(_watch_signals, signalled)
                     with trio.CancelScope() as fuse_scope:
@@ -126,6 +128,19 @@ def _handle_request(snapshot: Callable[[], dict[str, Any]], faults: FaultyDevice
         raise UsageError(f"unknown fault action {action!r} (eio, clear, stall, release)")
     log.info("fault injection: %s", req)
     return {"ok": True, "stalled": faults.is_stalled, "stalled_readers": faults.stalled_readers}
+
+
+async def _tune_after_init(ops: AsyncfsOperations, mountpoint: str,
+                           opts: MountOptions) -> None:
+    """Kernel-side tuning once FUSE_INIT is done (the kernel applies the INIT reply's
+    readahead as a minimum over what is set before it)."""
+    if os.geteuid() != 0:
+        return
+    await ops.initialized.wait()
+    await trio.sleep(0.05)  # the reply is written right after init() returns
+    for problem in tune_fuse_connection(mountpoint, readahead_kb=opts.kernel_readahead // 1024,
+                                        max_background=opts.max_background):
+        log.debug("FUSE tuning skipped: %s", problem)
 
 
 async def _watch_signals(signalled: trio.Event) -> None:

@@ -97,6 +97,12 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
         self._handles: dict[int, Any] = {}
         self._next_fh = 1
         self.requests_failed = 0
+        # set once the kernel's FUSE_INIT has been answered: connection tunables written
+        # before then are overwritten by the kernel's processing of the INIT reply
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        self.initialized.set()
 
     def _ino(self, fuse_ino: int) -> int:
         return self._root if fuse_ino == pyfuse3.ROOT_INODE else fuse_ino

@@ -44,6 +44,8 @@ def test_offset_and_sizelimit() -> None:
         ("partition=1,offset=0", "cannot be combined"),
         ("sizelimit=1M", "sizelimit= needs offset="),
         ("latency=-1", "latency=-1"),
+        ("kernel_readahead=1G", "too large"),
+        ("max_background=0", "out of range"),
         ("latency=5-2", "latency=5-2"),
     ],
 )
