@@ -91,7 +91,10 @@ class PageCache:
         self._lru = PageLRU(max(1, cache_bytes // PAGE_SIZE))
         self._wt = WaitTable(wait_table_bits)
         self._waiter = Waiter(self._wt, wait_mode, threads)
-        self._ra_pages = max(0, readahead_max) // PAGE_SIZE
+        # A window larger than a quarter of the cache would be locked beyond the cache's
+        # limit while in flight and reclaimed before it is read (a 4 MiB cache with the 8 MiB
+        # default window grew RSS in the soak and wasted the I/O): clamp it.
+        self._ra_pages = min(max(0, readahead_max), cache_bytes // 4) // PAGE_SIZE
         self._closed = False
         self._io_scopes: set[trio.CancelScope] = set()
         self._idle: trio.Event | None = None

@@ -15,7 +15,10 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Protocol, overload
+
+import trio
 
 from asyncfs.engine.interfaces import DeviceReader, FileMap
 from asyncfs.engine.volume_htree import dx_lookup
@@ -32,8 +35,8 @@ from asyncfs.errors import (
     InvalidError,
     IsADirError,
     NoEntryError,
-    NotADirError,
     NoKeyError,
+    NotADirError,
     NotSupportedError,
 )
 from asyncfs.ext4 import casefold, csum, fscrypt, xattr
@@ -97,6 +100,11 @@ _DIR_BLOCKS = 1024  # parsed directory blocks (and as many dx blocks / leaf name
 _LINEAR_DIRS = 32
 _LINEAR_TABLE_MAX = 200_000  # entries; larger directories are scanned per lookup
 _MAX_SYMLINK = 4096  # the kernel reads at most one page of a slow symlink
+
+_LOGGED_MAX = 4096  # damaged objects remembered as already reported
+_HOLE_WINDOW = 1 << 20  # directory blocks mapped per step when skipping a hole
+_MAX_LBLK = 1 << 32  # ext4 logical block numbers are 32 bits
+_SCAN_YIELD = 64  # directory blocks parsed between two event-loop checkpoints
 
 
 @dataclass(slots=True)
@@ -181,6 +189,8 @@ class Volume:
             OrderedDict()
         )
         self._info: OrderedDict[int, _InodeInfo] = OrderedDict()
+        self._logged: OrderedDict[object, None] = OrderedDict()
+        self._parsed_blocks = 0
         self._overhead = 0
         self._filetype = sb.has_incompat(F.INCOMPAT_FILETYPE)
         self._csum_seed = 0
@@ -299,7 +309,8 @@ class Volume:
         if inode.i_links_count == 0 and ino != _EXT4_BOOT_LOADER_INO:
             # __ext4_iget: a deleted or never-used inode; ext4_lookup reports a name that
             # points at one as corruption (with a log line), as we do
-            log.error("inode %d is deleted or unused (link count 0)", ino)
+            self.log_once(("unused", ino), logging.ERROR,
+                          "inode %d is deleted or unused (link count 0)", ino)
             raise CorruptionError(f"inode {ino} is deleted or unused (link count 0)")
         self._inodes[ino] = inode
         if len(self._inodes) > _INODE_CACHE:
@@ -309,8 +320,19 @@ class Volume:
     def _inode_seed(self, ino: int, generation: int) -> int:
         return csum.inode_csum_seed(self._csum_seed, ino, generation)
 
+    def log_once(self, key: object, level: int, msg: str, *args: object) -> None:
+        """Log a damaged object once, not on every request that meets it: a loop of ``ls``
+        over a damaged directory must not grow the log without bound. The set of keys is
+        bounded (oldest forgotten first)."""
+        if key in self._logged:
+            return
+        self._logged[key] = None
+        if len(self._logged) > _LOGGED_MAX:
+            self._logged.popitem(last=False)
+        log.log(level, msg, *args)
+
     def _bad_csum(self, what: str) -> ChecksumError:
-        log.error("%s: checksum invalid", what)
+        self.log_once(("csum", what), logging.ERROR, "%s: checksum invalid", what)
         return ChecksumError(f"{what}: checksum invalid")
 
     def _verify_inode(self, ino: int, raw: bytes) -> None:
@@ -431,6 +453,39 @@ class Volume:
             raise InvalidError(f"inode {inode.ino} has no data")
         return info.fmap
 
+    async def _next_dir_block(self, fmap: FileMap, lblk: int, nblocks: int) -> int:
+        """``lblk`` if it is mapped, else the next mapped block of the directory (``nblocks``
+        if none): a hole is skipped whole, as ext4_readdir skips ``map.m_len`` blocks, so a
+        forged i_size costs a few map walks, not a visit per block, and never holds the
+        event loop (a checkpoint per window)."""
+        blk_of = getattr(fmap, "block", None)
+        if lblk >= nblocks or blk_of is None or await blk_of(lblk) is not None:
+            return lblk
+        bs = self.block_size
+        end = min(nblocks, _MAX_LBLK)
+        while lblk < end:
+            span = min(end - lblk, _HOLE_WINDOW)
+            for run in await fmap.map(lblk * bs, span * bs):
+                if run.dev_off is not None:
+                    return max(lblk, run.file_off // bs)
+            lblk += span
+            await trio.lowlevel.checkpoint()
+        return nblocks
+
+    async def _dir_ranges(self, fmap: FileMap, nblocks: int) -> list[range]:
+        """The mapped blocks ``[0, nblocks)`` of a directory as ranges, holes skipped."""
+        out: list[range] = []
+        lblk = 0
+        while (lblk := await self._next_dir_block(fmap, lblk, nblocks)) < nblocks:
+            if out and out[-1].stop == lblk:
+                out[-1] = range(out[-1].start, lblk + 1)
+            else:
+                out.append(range(lblk, lblk + 1))
+            lblk += 1
+            if lblk % (_SCAN_YIELD * 16) == 0:
+                await trio.lowlevel.checkpoint()
+        return out
+
     async def _dir_block(self, inode: Inode, fmap: FileMap, lblk: int) -> bytes | None:
         """Directory block ``lblk`` (None for a hole), read as metadata."""
         blk_of = getattr(fmap, "block", None)
@@ -460,7 +515,7 @@ class Volume:
             filetype=self._filetype,
         )
         if bad is not None:
-            log.error("directory inode %d: %s", ino, bad)
+            self.log_once(("dirent", ino), logging.ERROR, "directory inode %d: %s", ino, bad)
         return entries
 
     def _is_dx_block(self, inode: Inode, lblk: int, raw: bytes) -> bool:
@@ -516,6 +571,11 @@ class Volume:
         lblk, start = divmod(off, bs)
         nokey = await self._nokey_hash_version(inode) if inode.is_encrypted else None
         while lblk < nblocks:
+            nxt_lblk = await self._next_dir_block(info.fmap, lblk, nblocks)
+            if nxt_lblk != lblk:  # a hole, skipped whole
+                lblk, start = nxt_lblk, 0
+                if lblk >= nblocks:
+                    break
             try:
                 entries = await self._block_entries(inode, info.fmap, lblk)
             except ChecksumError:
@@ -574,8 +634,9 @@ class Volume:
             except ChecksumError:
                 raise
             except CorruptionError as err:
-                log.warning("directory inode %d: bad htree (%s), listing linearly",
-                            inode.ino, err)
+                self.log_once(("dxlist", inode.ino), logging.WARNING,
+                              "directory inode %d: bad htree (%s), listing linearly",
+                              inode.ino, err)
                 return None
             if not isinstance(root, DxRoot):  # pragma: no cover - block 0 is the root
                 return None
@@ -668,7 +729,9 @@ class Volume:
             version = await self._nokey_hash_version(inode)
             names = {}
             bs = self.block_size
-            for lblk in range((inode.i_size + bs - 1) // bs):
+            for lblk in chain.from_iterable(
+                await self._dir_ranges(fmap, (inode.i_size + bs - 1) // bs)
+            ):
                 for e in await self._block_entries(inode, fmap, lblk) or ():
                     if e.inode and e.name:
                         names.setdefault(self._nokey(e.name, version), e.inode)
@@ -730,7 +793,7 @@ class Volume:
         nblocks = (inode.i_size + bs - 1) // bs
         if nblocks > 1 and not self._casefolded(inode):
             return await self._linear_table_lookup(inode, info.fmap, name, nblocks)
-        for lblk in range(nblocks):
+        for lblk in chain.from_iterable(await self._dir_ranges(info.fmap, nblocks)):
             for e in await self._block_entries(inode, info.fmap, lblk) or ():
                 if e.inode and self._name_eq(inode, e.name, name):
                     return e.inode
@@ -749,7 +812,7 @@ class Volume:
         if table is None:
             names: dict[bytes, int] = {}
             bad: list[int] = []
-            for lblk in range(nblocks):
+            for lblk in chain.from_iterable(await self._dir_ranges(fmap, nblocks)):
                 try:
                     entries = await self._block_entries(inode, fmap, lblk)
                 except ChecksumError:
@@ -806,6 +869,10 @@ class Volume:
         if raw is None:
             return None
         entries = self._leaf_entries(inode, lblk, raw)
+        self._parsed_blocks += 1
+        if self._parsed_blocks % _SCAN_YIELD == 0:
+            # a scan over many cached blocks never awaits I/O: let other requests run
+            await trio.lowlevel.checkpoint()
         self._dir_blocks[key] = entries
         if len(self._dir_blocks) > _DIR_BLOCKS:
             self._dir_blocks.popitem(last=False)

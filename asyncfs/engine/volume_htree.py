@@ -42,6 +42,10 @@ class DxHost(Protocol):
         """True when names match byte for byte (so a dict lookup is enough)."""
         ...
 
+    def log_once(self, key: object, level: int, msg: str, *args: object) -> None:
+        """Log a damaged object once (not on every lookup that meets it)."""
+        ...
+
 
 async def _index_node(host: DxHost, inode: Inode, lblk: int) -> DxBlock:
     node = await host.dx_block(inode, lblk)
@@ -63,7 +67,9 @@ async def dx_lookup(host: DxHost, inode: Inode, name: bytes) -> int | None:
     except ChecksumError:
         raise
     except CorruptionError as err:
-        log.warning("directory inode %d: bad htree root (%s), searching linearly", inode.ino, err)
+        host.log_once(("dxroot", inode.ino), logging.WARNING,
+                      "directory inode %d: bad htree root (%s), searching linearly",
+                      inode.ino, err)
         return None
     if not isinstance(root, DxRoot):  # pragma: no cover - dx_block(0) always gives the root
         return None

@@ -4,12 +4,15 @@ random), EIO for reads touching chosen byte ranges, and a stall the test release
 
 from __future__ import annotations
 
+import math
 import random
 
 import trio
 
 from asyncfs.errors import DeviceIOError, UsageError
 from asyncfs.io.device import BlockDevice
+
+_MAX_LATENCY_MS = 3_600_000  # an hour: anything longer is a typo, not a test
 
 
 def parse_latency(text: str) -> tuple[float, float]:
@@ -22,6 +25,9 @@ def parse_latency(text: str) -> tuple[float, float]:
             lo = hi = float(text)
     except ValueError:
         raise UsageError(f"latency={text}: expected MS or LO-HI in milliseconds") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi > _MAX_LATENCY_MS:
+        # nan and inf pass the comparisons below; trio.sleep would then fail every read
+        raise UsageError(f"latency={text}: expected milliseconds up to {_MAX_LATENCY_MS}")
     if lo < 0 or hi < lo:
         raise UsageError(f"latency={text}: expected 0 <= LO <= HI")
     return lo, hi - lo

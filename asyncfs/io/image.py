@@ -6,6 +6,7 @@ Sync code: it runs before the event loop (``describe_image``) or in a worker thr
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ from asyncfs.io.partition import Partition, PartitionTableError, parse_partition
 def open_readonly(path: str) -> tuple[int, int]:
     """(fd, size in bytes) of the image, opened O_RDONLY; ImageError with a one-line reason."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO (or a tty) must not wait for a writer; it is cleared
+        # again below, once fstat has shown a regular file or block device
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except PermissionError:
@@ -35,6 +38,8 @@ def open_readonly(path: str) -> tuple[int, int]:
             raise ImageError(f"{path}: is a directory, not an image")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise ImageError(f"{path}: not a regular file or block device")
+        # io_uring and RWF_NOWAIT probes must not see O_NONBLOCK (reads could fail EAGAIN)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         size = os.lseek(fd, 0, os.SEEK_END)  # also right for block devices (st_size is 0)
         if size == 0:
             raise ImageError(f"{path}: image is empty")

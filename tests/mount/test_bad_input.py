@@ -47,6 +47,18 @@ def test_image_is_a_directory(tmp_path: Path, mnt: Path) -> None:
     _one_line_error(run_asyncfs("mount", str(tmp_path), str(mnt)), "directory")
 
 
+@pytest.mark.parametrize("cmd", ["mount", "ls"])
+def test_image_is_a_fifo(cmd: str, tmp_path: Path, mnt: Path) -> None:
+    """A FIFO (or any non-file) as the image is refused at once, not waited on.
+
+    Broken variant: ``open_readonly`` without O_NONBLOCK blocks in open() until a writer
+    comes: the command times out."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = [cmd, str(fifo)] + ([str(mnt)] if cmd == "mount" else [])
+    _one_line_error(run_asyncfs(*args, timeout=20), "not a regular file or block device")
+
+
 def test_empty_image(tmp_path: Path, mnt: Path) -> None:
     img = tmp_path / "empty.img"
     img.touch()
@@ -70,7 +82,9 @@ def test_partition_that_does_not_exist(ext4_image: Path, mnt: Path) -> None:
 @pytest.mark.parametrize(
     ("opt", "needle"),
     [("bogus", "unknown mount option: bogus"), ("cache_size=12Q", "malformed size"),
-     ("wait=never", "wait=never"), ("rw", "read-only")],
+     ("wait=never", "wait=never"), ("rw", "read-only"),
+     # nan/inf passed the range checks and then failed every read ("I/O error ...")
+     ("latency=nan", "latency=nan"), ("latency=1e309", "latency=1e309")],
 )
 def test_bad_options(ext4_image: Path, mnt: Path, opt: str, needle: str) -> None:
     _one_line_error(run_asyncfs("mount", str(ext4_image), str(mnt), "-o", opt), needle)

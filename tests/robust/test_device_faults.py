@@ -65,7 +65,7 @@ async def test_eio_fails_only_reads_touching_the_range(fuzz_ext4: Path, fuzz_tre
     want = (fuzz_tree / "files" / "big").read_bytes()
     async with faulty_stack(fuzz_ext4, readahead=0) as stack:
         assert stack.faults is not None
-        fh, size, dev0 = await _open(stack, "/files/big")
+        fh, _size, dev0 = await _open(stack, "/files/big")
         bad = dev0 + 200 * KIB + 100  # one byte in the page at file offset 200 KiB
         stack.faults.add_eio_range(bad, bad + 1)
         stack.faults.stall()
@@ -120,7 +120,7 @@ async def test_every_waiter_woken_then_retry_succeeds(fuzz_ext4: Path, fuzz_tree
         assert results == ["EIO"] * 16
         st = stack.cache.stats()
         assert st["parked_now"] == 0 and st["inflight_io"] == 0
-        before = st["backend_reads"]
+        before = int(st["backend_reads"])
         assert await _read(stack, fh, page + 10, 100) == "EIO"  # still failing: retried
         assert stack.cache.stats()["backend_reads"] == before + 1
         stack.faults.clear_eio_ranges()
