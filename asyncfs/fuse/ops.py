@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -49,13 +50,45 @@ class VolumeLike(Protocol):
     def statfs(self) -> StatFs: ...
 
 
+# Distinct failure messages already logged: a damaged object is logged once, not on every
+# request that meets it (a loop of `ls -l` must not grow the log without bound).
+_LOGGED: OrderedDict[str, None] = OrderedDict()
+_LOGGED_MAX = 4096
+
+# ext4 EXT4_FT_* -> S_IFMT bits, for a readdirplus entry whose inode cannot be read
+_FT_MODE = {1: 0o100000, 2: 0o040000, 3: 0o020000, 4: 0o060000, 5: 0o010000, 6: 0o140000,
+            7: 0o120000}
+
+
+def _log_once(level: int, msg: str, exc: BaseException | None = None) -> None:
+    if msg in _LOGGED:
+        return
+    _LOGGED[msg] = None
+    if len(_LOGGED) > _LOGGED_MAX:
+        _LOGGED.popitem(last=False)
+    log.log(level, msg, exc_info=exc)
+
+
 def _fail(exc: BaseException, what: str) -> NoReturn:
     code = errno_for(exc)
     if isinstance(exc, (CorruptionError, DeviceIOError)):
-        log.warning("%s: %s", what, exc)
+        _log_once(logging.WARNING, f"{what}: {exc}")
     elif not isinstance(exc, AsyncfsError):
-        log.error("%s: unexpected %s", what, type(exc).__name__, exc_info=exc)
+        _log_once(logging.ERROR, f"{what}: unexpected {type(exc).__name__}: {exc}", exc)
     raise pyfuse3.FUSEError(code) from None
+
+
+def _unreadable_entry(ent: DirEntry) -> pyfuse3.EntryAttributes:
+    """A readdirplus entry for a child whose inode cannot be read: the name is listed (as
+    ext4's readdir lists it) with zero timeouts, so the kernel's next lookup or stat of it
+    reaches us again and gets the error."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ent.ino
+    e.st_mode = _FT_MODE.get(ent.file_type, 0o100000)
+    e.st_nlink = 1
+    e.entry_timeout = 0
+    e.attr_timeout = 0
+    return e
 
 
 def _entry(attr: Attr, root_ino: int | None) -> pyfuse3.EntryAttributes:
@@ -173,9 +206,16 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
                 if not batch:
                     return
                 for ent in batch:
-                    attr = await self.volume.getattr(ent.ino)
                     dots = ent.name in (b".", b"..")
-                    entry = _entry(attr, None if dots else self._root)
+                    try:
+                        attr = await self.volume.getattr(ent.ino)
+                    except AsyncfsError as exc:
+                        if dots:
+                            raise
+                        _log_once(logging.WARNING, f"readdir: inode {ent.ino}: {exc}")
+                        entry = _unreadable_entry(ent)
+                    else:
+                        entry = _entry(attr, None if dots else self._root)
                     if not pyfuse3.readdir_reply(token, ent.name, entry, ent.next_off):
                         return
                     off = ent.next_off

@@ -180,17 +180,13 @@ def test_truncated_image_refused_with_one_line(spec: str, store: ImageStore,
     assert os.listdir(mnt) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fuse/ops.py readdir fetches every child's attributes (readdirplus) and fails the "
-    "whole listing when one child inode is damaged; ext4 lists the name and fails only its "
-    "stat. Fix: on an AsyncfsError from getattr, reply that entry with attributes built from "
-    "its file type and zero timeouts, so the kernel's later lookup meets the error.",
-)
 def test_listing_survives_one_damaged_inode(store: ImageStore, fuzz_tree: Path,
                                             tmp_path: Path) -> None:
     """One inode fails its checksum: ``ls`` of its directory still lists every name, ``stat``
-    of that one name fails with EIO, its neighbours read back exactly."""
+    of that one name fails with EIO, its neighbours read back exactly.
+
+    Broken variant: fuse/ops.py readdir letting the child's getattr error fail the whole
+    listing (no `_unreadable_entry`) -> listdir raises EIO (seen before the fix)."""
     pristine = store.image("ext4")
     img = tmp_path / "damaged.img"
     case = Case("ext4", "inode", "i_flags bit", (Patch("inode:/files/big", 0x20, b"\x01"),))
