@@ -21,7 +21,7 @@ import trio
 
 from asyncfs import __version__
 from asyncfs.cli import control
-from asyncfs.cli.mountpoint import tune_fuse_connection
+from asyncfs.cli.mountpoint import mount_entry, tune_fuse_connection
 from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import open_stack
 from asyncfs.errors import AsyncfsError, UsageError
@@ -83,13 +83,18 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
                     log.info("mounted %s on %s", image, mountpoint)
                     nursery.start_soon(_tune_after_init, ops, mountpoint, opts)
                     signalled = trio.Event()
+                    detached = trio.Event()
                     nursery.start_soon(_watch_signals, signalled)
+                    nursery.start_soon(_watch_detach, mountpoint, stack.cache.stats, signalled,
+                                       detached)
                     with trio.CancelScope() as fuse_scope:
-                        nursery.start_soon(_cancel_after_signal, signalled, fuse_scope)
+                        nursery.start_soon(_cancel_after_signal, signalled, detached,
+                                           fuse_scope)
                         await pyfuse3.main(max_tasks=opts.max_tasks)
                     # main() returns when the kernel ends the session (fusermount3 -u, umount)
                     # or after terminate(); either way the mount is finished.
-                    unmount_needed = signalled.is_set()
+                    # after a lazy unmount the path may hold something else now: leave it be
+                    unmount_needed = signalled.is_set() and not detached.is_set()
                     nursery.cancel_scope.cancel()
             finally:
                 pyfuse3.close(unmount=unmount_needed)
@@ -143,6 +148,35 @@ async def _tune_after_init(ops: AsyncfsOperations, mountpoint: str,
         log.debug("FUSE tuning skipped: %s", problem)
 
 
+# After a lazy unmount (fusermount3 -u -z, umount -l) the kernel keeps the connection while
+# files are open. Requests that make no progress for this long are taken as stuck (a dead or
+# stalled device) and the daemon shuts down as on SIGTERM; readers that make progress are
+# served until they close their files, as lazy unmount promises.
+STUCK_AFTER_DETACH_S = 2.0
+
+
+async def _watch_detach(mountpoint: str, stats: Callable[[], dict[str, Any]],
+                        signalled: trio.Event, detached: trio.Event) -> None:
+    while mount_entry(mountpoint) is not None:
+        await trio.sleep(0.25)
+    detached.set()
+    log.info("%s was detached (lazy unmount); serving open files until they close", mountpoint)
+    last: tuple[Any, ...] | None = None
+    since = trio.current_time()
+    while not signalled.is_set():
+        s = stats()
+        progress = (s.get("backend_reads"), s.get("wakeups"), s.get("cache_hits"))
+        now = trio.current_time()
+        if progress != last or not (s.get("parked_now") or s.get("inflight_io")):
+            last, since = progress, now
+        elif now - since >= STUCK_AFTER_DETACH_S:
+            log.warning("requests stuck after lazy unmount: shutting down")
+            signalled.set()
+            pyfuse3.terminate()
+            return
+        await trio.sleep(0.25)
+
+
 async def _watch_signals(signalled: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -152,9 +186,11 @@ async def _watch_signals(signalled: trio.Event) -> None:
             return
 
 
-async def _cancel_after_signal(signalled: trio.Event, scope: trio.CancelScope) -> None:
+async def _cancel_after_signal(signalled: trio.Event, detached: trio.Event,
+                               scope: trio.CancelScope) -> None:
     await signalled.wait()
-    await trio.sleep(SHUTDOWN_GRACE_S)
+    if not detached.is_set():  # after a detach the requests were already seen stuck
+        await trio.sleep(SHUTDOWN_GRACE_S)
     # Requests that did not finish in the grace period (a stalled device) are abandoned:
     # cancelling them frees their wait entries; close() then detaches the mount and drops the
     # FUSE connection, and the kernel fails those requests (ENOTCONN) instead of hanging them.
