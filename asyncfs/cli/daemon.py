@@ -21,6 +21,7 @@ import trio
 
 from asyncfs import __version__
 from asyncfs.cli import control
+from asyncfs.cli.messages import one_line
 from asyncfs.cli.mountpoint import mount_entry, tune_fuse_connection
 from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import open_stack
@@ -45,7 +46,7 @@ class StartupReporter:
         if self.fd is None:
             return
         try:
-            os.write(self.fd, line.encode(errors="replace") + b"\n")
+            os.write(self.fd, line.replace("\n", "\\n").encode(errors="replace") + b"\n")
         except OSError:
             pass  # the parent is gone (killed or timed out); the log still has the story
         finally:
@@ -103,7 +104,7 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
         if reporter.fd is not None:
             reporter.send(f"ERR {e}")
         else:
-            print(f"asyncfs: {e}", file=sys.stderr)
+            print(f"asyncfs: {one_line(str(e))}", file=sys.stderr)
         return 1
     return 0
 
@@ -225,7 +226,7 @@ def run_mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bo
         if status == "OK":
             return 0
         if status.startswith("ERR "):
-            print(f"asyncfs: {status[4:]}", file=sys.stderr)
+            print(f"asyncfs: {one_line(status[4:])}", file=sys.stderr)
         else:
             _, code = os.waitpid(pid, 0)
             print(f"asyncfs: the daemon exited during start-up (status {code}); "

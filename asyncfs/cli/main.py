@@ -15,6 +15,7 @@ import trio
 
 from asyncfs import __version__
 from asyncfs.cli import control
+from asyncfs.cli.messages import one_line
 from asyncfs.cli.mountpoint import check_mountpoint
 from asyncfs.cli.options import MountOptions, parse_options, parse_size
 from asyncfs.cli.wiring import open_stack
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_image(image: str) -> str:
     if not os.path.lexists(image):
         raise ImageError(f"image {image} does not exist")
+    if not os.path.exists(image):
+        raise ImageError(f"image {image} is a dangling symbolic link (to {os.readlink(image)})")
     if os.path.isdir(image):
         raise ImageError(f"image {image} is a directory, not an image file")
     if not os.access(image, os.R_OK):
@@ -80,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return _dispatch(args)
     except AsyncfsError as e:
-        print(f"asyncfs: {e}", file=sys.stderr)
+        print(f"asyncfs: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

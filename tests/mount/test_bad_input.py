@@ -130,3 +130,17 @@ def test_stats_of_a_plain_directory(mnt: Path) -> None:
 
 def test_usage_error_is_one_line() -> None:
     _one_line_error(run_asyncfs("mount"), "required")
+
+
+def test_dangling_symlink_image(tmp_path: Path, mnt: Path) -> None:
+    link = tmp_path / "gone.img"
+    link.symlink_to(tmp_path / "nowhere.img")
+    _one_line_error(run_asyncfs("mount", str(link), str(mnt)), "dangling symbolic link")
+
+
+def test_newline_in_a_path_stays_one_line(tmp_path: Path, mnt: Path) -> None:
+    """Broken variant: printing the message raw -> the path's newline splits it in two."""
+    odd = tmp_path / "new\nline"
+    odd.mkdir()
+    _one_line_error(run_asyncfs("mount", str(odd / "x.img"), str(mnt)), "does not exist",
+                    "new\\nline")
