@@ -22,18 +22,25 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_device(path: str) -> str | None:
-    """``major:minor`` of the mount at ``path``, from mountinfo (never touching the mount)."""
+def _mounts() -> list[tuple[str, str, str, str]]:
+    """(mount point, major:minor, fstype, source) of every mount, from mountinfo."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
-        return None
-    found = None
+        return []
+    out = []
     for line in lines:
-        fields = line.split(" - ", 1)[0].split()
-        if len(fields) >= 5 and _unescape(fields[4]) == path:
-            found = fields[2]
-    return found
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) >= 5 and len(rfields) >= 2:
+            out.append((_unescape(fields[4]), fields[2], rfields[0], _unescape(rfields[1])))
+    return out
+
+
+def mount_device(path: str) -> str | None:
+    """``major:minor`` of the mount at ``path`` (the top one), never touching the mount."""
+    found = [dev for mnt, dev, _, _ in _mounts() if mnt == path]
+    return found[-1] if found else None
 
 
 def tune_fuse_connection(mountpoint: str, *, readahead_kb: int, max_background: int) -> list[str]:
@@ -63,19 +70,9 @@ def tune_fuse_connection(mountpoint: str, *, readahead_kb: int, max_background: 
 
 
 def mount_entry(path: str) -> tuple[str, str] | None:
-    """(fstype, source) of the mount whose mount point is exactly ``path``, else None."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        rfields = right.split()
-        if len(fields) >= 5 and len(rfields) >= 2 and _unescape(fields[4]) == path:
-            found = (rfields[0], _unescape(rfields[1]))  # the last one stacked on top wins
-    return found
+    """(fstype, source) of the mount whose mount point is exactly ``path`` (the top one)."""
+    found = [(fstype, source) for mnt, _, fstype, source in _mounts() if mnt == path]
+    return found[-1] if found else None
 
 
 def _stale(mountpoint: str, path: str) -> MountPointError:
