@@ -40,6 +40,9 @@ import struct
 
 import crc32c as _crc32c
 
+from asyncfs.ext4.le import u16 as _u16
+from asyncfs.ext4.le import u32 as _u32
+
 _M = 0xFFFFFFFF
 
 EXT4_INCOMPAT_CSUM_SEED = 0x2000
@@ -63,12 +66,6 @@ _DX_TAIL = 8
 _XATTR_H_CHECKSUM_OFF = 16
 
 
-def _u16(buf: bytes, off: int) -> int:
-    return int.from_bytes(buf[off : off + 2], "little")
-
-
-def _u32(buf: bytes, off: int) -> int:
-    return int.from_bytes(buf[off : off + 4], "little")
 
 
 def ext4_chksum(seed: int, data: bytes | bytearray | memoryview) -> int:

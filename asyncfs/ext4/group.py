@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from asyncfs.errors import CorruptionError
 from asyncfs.ext4 import features as F
+from asyncfs.ext4.le import u16 as _u16
+from asyncfs.ext4.le import u32 as _u32
 from asyncfs.ext4.superblock import MIN_DESC_SIZE_64BIT, Superblock
 
 # bg_flags
@@ -34,12 +36,6 @@ class GroupDesc:
     bg_checksum: int
 
 
-def _u16(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 2], "little")
-
-
-def _u32(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 4], "little")
 
 
 def parse_group_desc(raw: bytes, sb: Superblock) -> GroupDesc:

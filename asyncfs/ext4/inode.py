@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from asyncfs.errors import CorruptionError
 from asyncfs.ext4 import features as F
+from asyncfs.ext4.le import u16 as _u16
+from asyncfs.ext4.le import u32 as _u32
 from asyncfs.ext4.superblock import GOOD_OLD_INODE_SIZE, Superblock
 from asyncfs.types import Attr
 
@@ -104,12 +106,6 @@ class Inode:
         return self.has_flag(EXT4_ENCRYPT_FL)
 
 
-def _u16(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 2], "little")
-
-
-def _u32(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 4], "little")
 
 
 def _s32(b: bytes, off: int) -> int:

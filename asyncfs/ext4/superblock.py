@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from asyncfs.errors import ImageError
 from asyncfs.ext4 import features as F
+from asyncfs.ext4.le import u16 as _u16
+from asyncfs.ext4.le import u32 as _u32
 
 SUPERBLOCK_OFFSET = 1024
 SUPERBLOCK_SIZE = 1024
@@ -33,12 +35,6 @@ CHECKSUM_TYPE_CRC32C = 1
 STATE_VALID_FS = 0x1
 STATE_ERROR_FS = 0x2
 
-def _u16(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 2], "little")
-
-
-def _u32(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 4], "little")
 
 
 @dataclass(frozen=True, slots=True)
