@@ -124,14 +124,11 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.wait = "async" if v == "async" else "threads"
     elif key == "threads":
         opts.threads = _parse_int(need_value(), key, 1, 1024)
-    elif key == "readahead":
-        opts.readahead = parse_size(need_value(), key)
-        if opts.readahead > 64 * 2**20:
-            raise UsageError(f"readahead={value} is too large (at most 64M)")
-    elif key == "kernel_readahead":
-        opts.kernel_readahead = parse_size(need_value(), key)
-        if opts.kernel_readahead > 64 * 2**20:
-            raise UsageError(f"kernel_readahead={value} is too large (at most 64M)")
+    elif key in ("readahead", "kernel_readahead"):
+        size = parse_size(need_value(), key)
+        if size > 64 * 2**20:
+            raise UsageError(f"{key}={value} is too large (at most 64M)")
+        setattr(opts, key, size)
     elif key == "max_background":
         opts.max_background = _parse_int(need_value(), key, 1, 1024)
     elif key == "max_tasks":
