@@ -15,6 +15,8 @@ cancels an I/O other readers wait on; completion sets UPTODATE or ERROR, unlocks
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import trio
@@ -22,7 +24,7 @@ import trio
 from asyncfs.engine.interfaces import FileMap
 from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
-from asyncfs.io.device import BlockDevice
+from asyncfs.io.device import BlockDevice, ReadCallback
 from asyncfs.pagecache import FileReadahead, PageLRU, ReadaheadWindow, WaitTable
 from asyncfs.pagecache.page import (
     LRU_ACTIVE,
@@ -96,6 +98,13 @@ class PageCache:
         # default window grew RSS in the soak and wasted the I/O): clamp it.
         self._ra_pages = min(max(0, readahead_max), cache_bytes // 4) // PAGE_SIZE
         self._closed = False
+        submit_read = getattr(device, "submit_read", None)
+        self._submit_read: Callable[[int, int, ReadCallback], bool] | None = (
+            submit_read if callable(submit_read) else None
+        )
+        # Reads started through ``submit_read``, by key, until their callback (or aclose).
+        self._cb_reads: dict[int, list[Page]] = {}
+        self._cb_next = 0
         self._io_scopes: set[trio.CancelScope] = set()
         self._idle: trio.Event | None = None
         # counters
@@ -259,6 +268,11 @@ class PageCache:
         self._closed = True
         for cs in list(self._io_scopes):
             cs.cancel()
+        # Reads the backend completes by callback: fail their pages now (waking every waiter);
+        # the callback, when it comes, finds nothing to do.
+        cb_reads, self._cb_reads = self._cb_reads, {}
+        for pages in cb_reads.values():
+            self._complete(pages, None, "page cache closed", pages[0].index << PAGE_SHIFT, 0)
         if self.inflight_io:
             self._idle = trio.Event()
             with trio.CancelScope(shield=True):
@@ -429,8 +443,13 @@ class PageCache:
         win = ctx.ra.ondemand(
             index, ctx.req_last - index + 1, hit_marker=False, eof_pages=ctx.eof_pages
         )
-        if win is not None and win.size:
-            await self._submit_window(ctx, win)
+        if win is None or not win.size:
+            return
+        if win.marker is None and win.start >= index and win.start + win.size - 1 <= ctx.req_last:
+            # A random read ("read as is"): the window is the request itself, which the
+            # step's own _populate reads; mapping it again here would only cost CPU.
+            return
+        await self._submit_window(ctx, win)
 
     def _async_readahead(self, ctx: _FileCtx, markers: list[int]) -> None:
         """A marker was hit: start the next window without waiting for its I/O. Mapping the
@@ -523,7 +542,34 @@ class PageCache:
                 self.backend_nowait_reads += 1
                 self._complete(pages, got, None, off, length, reclaim=False)
                 return
+            if self._submit_read is not None:
+                key = self._cb_next
+                self._cb_next = key + 1
+                try:
+                    started = self._submit_read(off, length, partial(self._read_done, key))
+                except DeviceIOError:
+                    started = False  # the task path reports it to the readers
+                if started:
+                    self._cb_reads[key] = pages
+                    return
         trio.lowlevel.spawn_system_task(self._io_task, pages, name="asyncfs-pageio")
+
+    def _read_done(self, key: int, buf: bytes | None, err: DeviceIOError | None) -> None:
+        """Completion of a ``submit_read`` read, on the trio thread (``end_page_read``)."""
+        pages = self._cb_reads.pop(key, None)
+        if pages is None:
+            return  # aclose already failed these pages
+        off = pages[0].index << PAGE_SHIFT
+        length = min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+        why: str | None = str(err) if err is not None else None
+        if buf is not None and len(buf) != length:
+            why = f"short read: {len(buf)} of {length} bytes at {off}"
+            buf = None
+        if buf is None and len(pages) > 1 and not self._closed:
+            trio.lowlevel.spawn_system_task(self._retry_pages, pages, off, length,
+                                            name="asyncfs-pageio-retry")
+            return
+        self._complete(pages, buf, why, off, length)
 
     async def _io_task(self, pages: list[Page]) -> None:
         off = pages[0].index << PAGE_SHIFT
@@ -532,23 +578,26 @@ class PageCache:
         try:
             buf, err, eio = await self._read_range(off, length)
             if eio and len(pages) > 1 and not self._closed:
-                # A coalesced read failed, perhaps for one bad sector: read its pages one by
-                # one (the kernel's readpage after a failed readahead), so only the pages that
-                # really fail get ERROR and a reader of a good neighbour still gets its bytes.
-                self.inflight_io += len(pages) - 1  # each page now completes on its own
-                self.backend_reads += len(pages)
                 done = True
-                async with trio.open_nursery() as nursery:
-                    for i, p in enumerate(pages):
-                        p_off = off + (i << PAGE_SHIFT)
-                        nursery.start_soon(self._retry_page, p, p_off,
-                                           min(PAGE_SIZE, off + length - p_off))
+                await self._retry_pages(pages, off, length)
                 return
             done = True
             self._complete(pages, buf, err, off, length)
         finally:
             if not done:  # KeyboardInterrupt or a bug above: never leave pages locked
                 self._complete(pages, None, "read aborted", off, length)
+
+    async def _retry_pages(self, pages: list[Page], off: int, length: int) -> None:
+        """A coalesced read failed, perhaps for one bad sector: read its pages one by one (the
+        kernel's readpage after a failed readahead), so only the pages that really fail get
+        ERROR and a reader of a good neighbour still gets its bytes."""
+        self.inflight_io += len(pages) - 1  # each page now completes on its own
+        self.backend_reads += len(pages)
+        async with trio.open_nursery() as nursery:
+            for i, p in enumerate(pages):
+                p_off = off + (i << PAGE_SHIFT)
+                nursery.start_soon(self._retry_page, p, p_off,
+                                   min(PAGE_SIZE, off + length - p_off))
 
     async def _retry_page(self, page: Page, off: int, length: int) -> None:
         buf, err, _ = await self._read_range(off, length)

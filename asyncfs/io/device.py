@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
+
+from asyncfs.errors import DeviceIOError
+
+ReadCallback = Callable[[bytes | None, DeviceIOError | None], None]
 
 
 class BlockDevice(Protocol):
@@ -24,3 +29,12 @@ class BlockDevice(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class CallbackReads(Protocol):
+    """Optional: backends that can complete a read by calling back instead of waking a task
+    (io_uring). ``submit_read`` returns ``False`` when it cannot start the read now (queue
+    full, closed); the caller then uses ``read``. The callback runs on the trio thread, exactly
+    once, with ``(data, None)`` or ``(None, error)``."""
+
+    def submit_read(self, offset: int, length: int, callback: ReadCallback) -> bool: ...

@@ -4,6 +4,7 @@ whose offset 0 is the filesystem's first byte.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -20,10 +21,13 @@ from asyncfs.io.uring import UringDevice, UringUnavailable
 
 log = logging.getLogger(__name__)
 
-# Chosen by measurement (docs/io.md): O_DIRECT skips the host page cache, so a block is cached
-# once (in asyncfs's page cache) instead of twice, and io_uring O_DIRECT reads reach the device
-# limit at depth 32.
-DEFAULT_DIRECT = True
+# Chosen by measurement (docs/io.md, docs/benchmarks.md): buffered reads keep the host page
+# cache as a second-level cache, reclaimable by the kernel, from which the RWF_NOWAIT probe
+# serves a block asyncfs evicted without I/O (as the kernel's loop mount and fuse2fs get it).
+# The kernel's own readahead on the image is switched off (POSIX_FADV_RANDOM): the engine
+# decides readahead. O_DIRECT (-o odirect) streams a cold file ~20% faster but makes every
+# second pass over more than the cache a device read again.
+DEFAULT_DIRECT = False
 URING_DEPTH = 128
 
 
@@ -51,7 +55,7 @@ async def open_image(
 ) -> BlockDevice:
     """Open ``path`` read-only and return the device for the chosen filesystem window.
 
-    ``direct=None`` takes the measured default (O_DIRECT where the filesystem allows it);
+    ``direct=None`` takes the measured default (buffered, host readahead off);
     ``backend="auto"`` uses io_uring and falls back to threads where the ring cannot be set up.
     Raises ImageError with a one-line message for anything the user must fix.
     """
@@ -70,6 +74,9 @@ async def open_image(
                 raise ImageError(f"{p}: O_DIRECT is not supported on this filesystem")
             log.debug("%s: O_DIRECT refused; using buffered reads", p)
             use_direct = False
+        if not use_direct:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         if backend in ("auto", "uring"):
             try:
                 return await UringDevice.create(fd, base=base, size=length, direct=use_direct,

@@ -7,6 +7,9 @@ readers. The ring fd itself is in trio's poll set (a system task waits on it wit
 ``trio.lowlevel.wait_readable``; it is readable while CQEs wait), so completions arriving while
 trio sleeps wake it. No eventfd, no extra syscall per completion.
 
+``submit_read`` starts a read that completes through a callback instead of a parked task (the
+page cache's misses use it, so a miss costs no task of its own).
+
 A reader cancelled while its read is in flight leaves at once; its op (and the buffer the
 kernel writes into) stays in ``_ops`` until the CQE arrives, so the ring never points at
 freed memory.
@@ -26,6 +29,7 @@ import trio
 
 from asyncfs.errors import DeviceIOError
 from asyncfs.io.buffers import Buffer
+from asyncfs.io.device import ReadCallback
 from asyncfs.io.filedev import FileDeviceBase
 
 log = logging.getLogger(__name__)
@@ -41,13 +45,16 @@ class UringUnavailable(Exception):
 class _Op:
     """One device read: the file span it covers and how much of it has arrived."""
 
-    __slots__ = ("buf", "done", "iov", "length", "lo", "need", "offset", "pos", "task", "want")
+    __slots__ = (
+        "buf", "callback", "done", "iov", "length", "lo", "need", "offset", "pos", "task", "want",
+    )
 
     def __init__(
-        self, task: trio.lowlevel.Task, buf: Buffer, pos: int, want: int, lo: int, offset: int,
-        length: int,
+        self, task: trio.lowlevel.Task | None, buf: Buffer, pos: int, want: int, lo: int,
+        offset: int, length: int,
     ) -> None:
         self.task: trio.lowlevel.Task | None = task
+        self.callback: ReadCallback | None = None
         self.buf = buf
         self.iov: Any = None
         self.pos = pos
@@ -151,6 +158,30 @@ class UringDevice(FileDeviceBase):
         result: bytes = await trio.lowlevel.wait_task_rescheduled(op.abort)
         return result
 
+    def submit_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
+        """Start a read whose completion calls ``callback(data, None)`` or
+        ``callback(None, error)`` on the trio thread, from the scheduler pass that reaps it,
+        instead of waking a parked task: a page-cache miss then costs no task of its own.
+        ``False`` (nothing started) when the ring is full or the device is closed or failed;
+        the caller falls back to ``read``. Raises ``DeviceIOError`` for a range past the end."""
+        self._check(offset, length)
+        if length == 0 or len(self._ops) >= self._depth or self._failed is not None:
+            return False
+        pos, want, lo = self._span(offset, length)
+        op = _Op(None, self._pool.get(want), pos, want, lo, offset, length)
+        op.callback = callback
+        op_id = self._next_id
+        self._next_id = op_id + 1
+        try:
+            self._prep(op_id, op)
+        except OSError:
+            self._pool.put(op.buf)
+            return False
+        self._ops[op_id] = op
+        if self._instrument is None:
+            self._flush()
+        return True
+
     def _prep(self, op_id: int, op: _Op) -> None:
         buf = op.buf
         # Build the iovec before taking an SQE: a taken SQE is submitted at the next flush
@@ -252,6 +283,16 @@ class UringDevice(FileDeviceBase):
         del self._ops[op_id]
         buf = op.buf
         op.iov = None
+        if op.callback is not None:
+            callback, op.callback = op.callback, None
+            if error is None:
+                data = bytes(buf.view[op.lo : op.need])
+                self._pool.put(buf)
+                _call(callback, data, None)
+            else:
+                self._pool.put(buf)
+                _call(callback, None, self._io_error(op.offset, op.length, error))
+            return
         task = op.task
         if task is None:  # the reader was cancelled: only the buffer was waiting for this
             self._pool.put(buf)
@@ -278,6 +319,9 @@ class UringDevice(FileDeviceBase):
         buffers referenced) until the ring is torn down."""
         self._failed = why
         for op in self._ops.values():
+            if op.callback is not None:
+                callback, op.callback = op.callback, None
+                _call(callback, None, DeviceIOError(why))
             if op.task is not None:
                 task, op.task = op.task, None
                 trio.lowlevel.reschedule(task, outcome.Error(DeviceIOError(why)))
@@ -309,3 +353,11 @@ class UringDevice(FileDeviceBase):
         # io_uring_queue_exit waits for or cancels anything still in flight, after which no
         # buffer is a target any more.
         lu.io_uring_queue_exit(self._ring)
+
+
+def _call(callback: ReadCallback, data: bytes | None, error: DeviceIOError | None) -> None:
+    # Runs inside the scheduler's instrument hooks, which trio drops for good if they raise.
+    try:
+        callback(data, error)
+    except Exception:
+        log.exception("read completion callback failed")
