@@ -554,8 +554,9 @@ class PageCache:
                     return
         trio.lowlevel.spawn_system_task(self._io_task, pages, name="asyncfs-pageio")
 
-    def _read_done(self, key: int, buf: bytes | None, err: DeviceIOError | None) -> None:
-        """Completion of a ``submit_read`` read, on the trio thread (``end_page_read``)."""
+    def _read_done(self, key: int, buf: memoryview | None, err: DeviceIOError | None) -> None:
+        """Completion of a ``submit_read`` read, on the trio thread (``end_page_read``).
+        ``buf`` is the backend's buffer, valid only during this call: the pages copy it."""
         pages = self._cb_reads.pop(key, None)
         if pages is None:
             return  # aclose already failed these pages
@@ -631,7 +632,7 @@ class PageCache:
     def _complete(
         self,
         pages: list[Page],
-        buf: bytes | None,
+        buf: bytes | memoryview | None,
         err: str | None,
         off: int,
         length: int,
@@ -646,7 +647,7 @@ class PageCache:
             mv = memoryview(buf)
             for i, p in enumerate(pages):
                 chunk = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
-                p.data = buf if len(pages) == 1 else bytes(chunk)
+                p.data = buf if len(pages) == 1 and isinstance(buf, bytes) else chunk.tobytes()
                 p.flags = (p.flags & ~PG_ERROR) | PG_UPTODATE
                 wt.unlock_page(p)
         else:

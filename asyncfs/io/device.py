@@ -7,7 +7,8 @@ from typing import Protocol
 
 from asyncfs.errors import DeviceIOError
 
-ReadCallback = Callable[[bytes | None, DeviceIOError | None], None]
+# ``(data, None)`` or ``(None, error)``; ``data`` is a view valid only during the call.
+ReadCallback = Callable[[memoryview | None, DeviceIOError | None], None]
 
 
 class BlockDevice(Protocol):
@@ -35,6 +36,7 @@ class CallbackReads(Protocol):
     """Optional: backends that can complete a read by calling back instead of waking a task
     (io_uring). ``submit_read`` returns ``False`` when it cannot start the read now (queue
     full, closed); the caller then uses ``read``. The callback runs on the trio thread, exactly
-    once, with ``(data, None)`` or ``(None, error)``."""
+    once, with ``(data, None)`` or ``(None, error)``; ``data`` is a view of the backend's
+    buffer, valid only during the call (copy what you keep)."""
 
     def submit_read(self, offset: int, length: int, callback: ReadCallback) -> bool: ...

@@ -32,6 +32,7 @@ class FileDeviceBase:
         self.direct = direct
         self.path = path
         self._pool = AlignedPool()
+        self._probe = bytearray()
         self._closed = False
 
     @property
@@ -68,12 +69,17 @@ class FileDeviceBase:
             return None
         if offset < 0 or offset + length > self._size:
             return None
-        buf = bytearray(length)
-        try:
-            got = os.preadv(self._fd, [buf], self._base + offset, os.RWF_NOWAIT)
-        except OSError:
-            return None  # EAGAIN (not cached) or a real error the blocking read will report
-        return bytes(buf) if got == length else None
+        # One scratch buffer for every probe (they run one at a time, on the trio thread):
+        # most probes of a cold range fail, and a fresh zeroed buffer each time cost more than
+        # the syscall.
+        if len(self._probe) < length:
+            self._probe = bytearray(length)
+        with memoryview(self._probe)[:length] as view:
+            try:
+                got = os.preadv(self._fd, [view], self._base + offset, os.RWF_NOWAIT)
+            except OSError:
+                return None  # EAGAIN (not cached) or a real error the blocking read will report
+            return view.tobytes() if got == length else None
 
     def _close_fd(self) -> None:
         if self._fd >= 0:

@@ -286,9 +286,10 @@ class UringDevice(FileDeviceBase):
         if op.callback is not None:
             callback, op.callback = op.callback, None
             if error is None:
-                data = bytes(buf.view[op.lo : op.need])
+                # The callback copies what it keeps: the view is valid only during the call.
+                with buf.view[op.lo : op.need] as view:
+                    _call(callback, view, None)
                 self._pool.put(buf)
-                _call(callback, data, None)
             else:
                 self._pool.put(buf)
                 _call(callback, None, self._io_error(op.offset, op.length, error))
@@ -355,7 +356,7 @@ class UringDevice(FileDeviceBase):
         lu.io_uring_queue_exit(self._ring)
 
 
-def _call(callback: ReadCallback, data: bytes | None, error: DeviceIOError | None) -> None:
+def _call(callback: ReadCallback, data: memoryview | None, error: DeviceIOError | None) -> None:
     # Runs inside the scheduler's instrument hooks, which trio drops for good if they raise.
     try:
         callback(data, error)
