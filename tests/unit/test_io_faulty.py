@@ -138,3 +138,56 @@ async def test_event_loop_not_blocked_while_device_slow(
     assert max(gaps) < 0.2
     assert timer.longest < 0.15
     await dev.aclose()
+
+
+async def test_delay_line_callback_reads(image: tuple[Path, bytes]) -> None:
+    """Over io_uring, reads complete by callback after their latency from one shared delay
+    line: each waits at least the latency, they overlap (32 reads of 30 ms take far less than
+    32 x 30 ms), the bytes are right, and each callback comes once. Broken variant: queueing
+    each read as due now (no latency)."""
+    path, data = image
+    dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=30)
+    done: dict[int, tuple[float, bytes | None, DeviceIOError | None]] = {}
+    t0 = trio.current_time()
+    for i in range(32):
+        def cb(buf: memoryview | None, err: DeviceIOError | None, i: int = i) -> None:
+            assert i not in done
+            done[i] = (trio.current_time(), bytes(buf) if buf is not None else None, err)
+        assert dev.submit_read(i * 4096, 4096, cb)
+    with trio.fail_after(5):
+        while len(done) < 32:
+            await trio.sleep(0.005)
+    for i, (t, got, err) in done.items():
+        assert err is None and got == data[i * 4096 : (i + 1) * 4096]
+        assert t - t0 >= 0.030 - 1e-3, i
+    assert max(t for t, _, _ in done.values()) - t0 < 16 * 0.030
+    assert dev.reads == 32
+    await dev.aclose()
+
+
+async def test_delay_line_fails_queued_reads_on_close(image: tuple[Path, bytes]) -> None:
+    """Reads still waiting out their latency when the device closes get an error, once, and
+    nothing hangs. Broken variant: ``aclose`` not failing the queued reads (their callbacks
+    never come: the page cache's readers would sleep forever)."""
+    path, _ = image
+    dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=10_000)
+    errors: list[DeviceIOError | None] = []
+    for i in range(4):
+        assert dev.submit_read(i * 4096, 4096, lambda buf, err: errors.append(err))
+    await trio.sleep(0.01)
+    with trio.fail_after(5):
+        await dev.aclose()
+    assert len(errors) == 4 and all(isinstance(e, DeviceIOError) for e in errors)
+
+
+async def test_stall_and_eio_keep_the_read_path(image: tuple[Path, bytes]) -> None:
+    """While stalled, or with an EIO range set, ``submit_read`` declines (the page cache then
+    uses ``read``, whose stall and EIO behaviour the tests above pin down)."""
+    path, _ = image
+    dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=1)
+    dev.stall()
+    assert not dev.submit_read(0, 4096, lambda buf, err: None)
+    dev.release()
+    dev.add_eio_range(0, 1)
+    assert not dev.submit_read(8192, 4096, lambda buf, err: None)
+    await dev.aclose()
