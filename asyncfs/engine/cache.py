@@ -36,6 +36,7 @@ from asyncfs.pagecache.page import (
     PG_READAHEAD,
     PG_REFERENCED,
     PG_UPTODATE,
+    PG_WAITERS,
     Page,
 )
 from asyncfs.types import Run
@@ -475,51 +476,54 @@ class PageCache:
 
     async def _submit_window(self, ctx: _FileCtx, win: ReadaheadWindow) -> None:
         """Map file pages ``win`` onto the device and read the missing ones, one I/O per
-        contiguous device run; the marker goes on its page only if this window created it."""
+        contiguous device run; the marker goes on its page only if this window created it.
+        (One pass per mapped run: on a stream this loop runs for every page read, so it does
+        no more than create, flag and insert each page.)"""
         if self._closed:
             return
         runs = await ctx.fmap.map(win.start << PAGE_SHIFT, win.size << PAGE_SHIFT)
         pages = self._lru.pages
-        last_dev = (self._dev_size - 1) >> PAGE_SHIFT
-        want: dict[int, bool] = {}  # dev page -> is readahead (outside the request)
-        marker_dev: int | None = None
+        insert = self._lru.insert
+        dev_size = self._dev_size
+        last_dev = (dev_size - 1) >> PAGE_SHIFT
+        req_first, req_last = ctx.req_first, ctx.req_last
+        marker_byte = win.marker << PAGE_SHIFT if win.marker is not None else -1
+        batch: list[Page] = []
+        created = ra_created = 0
         for run in runs:
-            if run.dev_off is None or run.length <= 0:
-                continue
             d0 = run.dev_off
-            if d0 < 0 or d0 + run.length > self._dev_size:
+            if d0 is None or run.length <= 0 or d0 < 0 or d0 + run.length > dev_size:
                 continue
-            if win.marker is not None:
-                mb = win.marker << PAGE_SHIFT
-                if run.file_off <= mb < run.file_off + run.length:
-                    marker_dev = (d0 + mb - run.file_off) >> PAGE_SHIFT
-            hi = min((d0 + run.length - 1) >> PAGE_SHIFT, last_dev)
-            for idx in range(d0 >> PAGE_SHIFT, hi + 1):
-                fpage = (run.file_off + max(idx << PAGE_SHIFT, d0) - d0) >> PAGE_SHIFT
-                is_ra = not ctx.req_first <= fpage <= ctx.req_last
-                want[idx] = want.get(idx, True) and is_ra
-        if not want:
-            return
-        run_pages: list[Page] = []
-        created = 0
-        prev = -2
-        for idx in sorted(want):
-            if idx in pages:
-                continue
-            p = Page(idx, PG_LOCKED | (PG_RA_UNUSED if want[idx] else 0))
-            if want[idx]:
-                self.readahead_pages += 1
-            if idx == marker_dev:
-                p.flags |= PG_READAHEAD
-            self._lru.insert(p)
-            created += 1
-            if run_pages and (idx != prev + 1 or len(run_pages) >= MAX_IO_PAGES):
-                self._submit(run_pages)
-                run_pages = []
-            run_pages.append(p)
-            prev = idx
-        if run_pages:
-            self._submit(run_pages)
+            f0 = run.file_off
+            marker_dev = -1
+            if f0 <= marker_byte < f0 + run.length:
+                marker_dev = (d0 + marker_byte - f0) >> PAGE_SHIFT
+            for idx in range(d0 >> PAGE_SHIFT, min((d0 + run.length - 1) >> PAGE_SHIFT,
+                                                   last_dev) + 1):
+                if idx in pages:  # cached, or in flight for someone else
+                    if batch:
+                        self._submit(batch)
+                        batch = []
+                    continue
+                # A page shared by two runs (blocks smaller than a page) is created by the
+                # first; it counts as readahead only if outside the request.
+                fpage = (f0 + max(idx << PAGE_SHIFT, d0) - d0) >> PAGE_SHIFT
+                flags = PG_LOCKED
+                if not req_first <= fpage <= req_last:
+                    flags |= PG_RA_UNUSED
+                    ra_created += 1
+                if idx == marker_dev:
+                    flags |= PG_READAHEAD
+                p = Page(idx, flags)
+                insert(p)
+                created += 1
+                if batch and (idx != batch[-1].index + 1 or len(batch) >= MAX_IO_PAGES):
+                    self._submit(batch)
+                    batch = []
+                batch.append(p)
+        if batch:
+            self._submit(batch)
+        self.readahead_pages += ra_created
         if created:
             self._shrink()
 
@@ -644,12 +648,23 @@ class PageCache:
         wt = self._wt
         if buf is not None:
             self.backend_bytes += length
-            mv = memoryview(buf)
-            for i, p in enumerate(pages):
-                chunk = mv[i << PAGE_SHIFT : (i + 1) << PAGE_SHIFT]
-                p.data = buf if len(pages) == 1 and isinstance(buf, bytes) else chunk.tobytes()
+            if len(pages) == 1 and isinstance(buf, bytes):
+                p = pages[0]
+                p.data = buf
                 p.flags = (p.flags & ~PG_ERROR) | PG_UPTODATE
                 wt.unlock_page(p)
+            else:
+                mv = memoryview(buf)
+                pos = 0
+                for p in pages:
+                    p.data = mv[pos : pos + PAGE_SIZE].tobytes()
+                    pos += PAGE_SIZE
+                    flags = p.flags
+                    if flags & PG_WAITERS or not flags & PG_LOCKED:
+                        p.flags = (flags & ~PG_ERROR) | PG_UPTODATE
+                        wt.unlock_page(p)  # wakes; or raises for an unlocked page (a bug)
+                    else:  # unlock_page's fast path, inline: nobody waits on this one
+                        p.flags = (flags & ~(PG_ERROR | PG_LOCKED)) | PG_UPTODATE
         else:
             if err:
                 log.debug("device read at %d+%d failed: %s", off, length, err)
