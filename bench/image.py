@@ -1,4 +1,4 @@
-"""The benchmark image: built once into bench/out/ with ``mke2fs -d``, plus the cold-cache helper.
+"""The benchmark image: built once into bench/out/ with ``mke2fs -d``, plus the cold-cache helpers.
 
 Layout (``/`` of the image): ``big.bin`` (2 GiB, incompressible; sequential and memory
 workloads), ``rand.bin`` (1 GiB; random 4 KiB reads), ``tree/dNN/fNNNN`` (3000 small files of
@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import random
+import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,6 +176,136 @@ def drop_caches(image: Path) -> str | None:
             f.write("3\n")
     except OSError as exc:
         return f"cannot drop host caches ({exc.strerror}); cold runs only fadvise the image"
+    return None
+
+
+# ---- priming the storage under the image -----------------------------------------------------
+
+Span = tuple[int, int]  # (byte offset in the image, length)
+PRIME_CHUNK = 8 * MIB  # O_DIRECT reads this large run near the device limit from one thread
+# "level/depth  entry/entries  logical_start - logical_end  physical_start - physical_end  len"
+_EXTENT_RE = re.compile(
+    r"^\s*(\d+)/\s*(\d+)\s+\d+/\s*\d+\s+\d+\s*-\s*\d+\s+(\d+)\s*-\s*(\d+)\s+\d+")
+
+
+def parse_extents(debugfs_ex: str, block: int = BLOCK) -> list[Span]:
+    """The data extents (leaf entries) in ``debugfs -R "ex FILE"`` output, as byte spans.
+
+    Index entries (``0/ 1 ... 0 - 524287 131535 524288``) name one tree block, not data, and
+    have no physical range: the pattern needs ``start - end`` on the physical side.
+    """
+    spans = []
+    for line in debugfs_ex.splitlines():
+        m = _EXTENT_RE.match(line)
+        if m and m.group(1) == m.group(2):  # level == depth: a leaf
+            first, last = int(m.group(3)), int(m.group(4))
+            spans.append((first * block, (last - first + 1) * block))
+    return merge_spans(spans)
+
+
+def file_extents(image: Path, path: str) -> list[Span]:
+    """Where ``/path``'s data lies in the image (merged byte spans), from ``debugfs ex``."""
+    r = subprocess.run(["debugfs", "-R", f"ex /{path}", str(image)],
+                       capture_output=True, text=True, timeout=60)
+    spans = parse_extents(r.stdout)
+    if r.returncode != 0 or not spans:
+        raise RuntimeError(f"debugfs ex /{path} found no extents: {r.stderr.strip()[-200:]}")
+    return spans
+
+
+def merge_spans(spans: Sequence[Span]) -> list[Span]:
+    """Sorted, non-overlapping spans covering the same bytes (adjacent ones joined)."""
+    out: list[Span] = []
+    for off, length in sorted(s for s in spans if s[1] > 0):
+        if out and off <= out[-1][0] + out[-1][1]:
+            last_off, last_len = out[-1]
+            out[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            out.append((off, length))
+    return out
+
+
+def complement_spans(spans: Sequence[Span], size: int) -> list[Span]:
+    """The bytes of ``[0, size)`` that ``spans`` do not cover."""
+    out: list[Span] = []
+    pos = 0
+    for off, length in merge_spans(spans):
+        if off > pos:
+            out.append((pos, min(off, size) - pos))
+        pos = max(pos, off + length)
+    if pos < size:
+        out.append((pos, size - pos))
+    return [s for s in out if s[1] > 0]
+
+
+@dataclass(frozen=True, slots=True)
+class PrimeResult:
+    nbytes: int
+    seconds: float
+    direct: bool
+
+    @property
+    def mib_s(self) -> float:
+        return self.nbytes / MIB / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        how = "O_DIRECT" if self.direct else "buffered"
+        return (f"storage primed: {self.nbytes / MIB:,.0f} MiB read ({how}) in "
+                f"{self.seconds:.1f} s, {self.mib_s:,.0f} MiB/s")
+
+
+def prime_storage(image: Path, spans: Sequence[Span], chunk: int = PRIME_CHUNK) -> PrimeResult:
+    """Read ``spans`` of the image once, bypassing this kernel's page cache (O_DIRECT).
+
+    Why: the disk under the image may itself be cached below this machine (a VM's virtual
+    disk backed by a file in the host's page cache). ``drop_caches`` cannot empty that cache,
+    so without this the first target to read a file after a while reads it from the real disk
+    (measured: 242 MiB/s the first time, 1,800 the next) and every later target from the host's
+    memory. Reading the spans first gives every target the same storage: the primed one. The
+    time it took is worth recording: a slow prime means the storage below was cold.
+    """
+    spans = merge_spans(spans)
+    direct = True
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_DIRECT)
+    except OSError:  # tmpfs and some FUSE filesystems refuse O_DIRECT
+        fd = os.open(image, os.O_RDONLY)
+        direct = False
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    total = 0
+    t0 = time.monotonic()
+    try:
+        for off, length in spans:
+            end = off + length
+            pos = off - off % BLOCK
+            while pos < end:
+                want = min(chunk, -(-(end - pos) // BLOCK) * BLOCK)
+                n = os.preadv(fd, [memoryview(buf)[:want]], pos)
+                if n <= 0:
+                    break  # end of the image
+                total += n
+                pos += n
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+        buf.close()
+    return PrimeResult(total, time.monotonic() - t0, direct)
+
+
+def page_cache_drops() -> int | None:
+    """How many times anyone has written drop_caches since boot (``/proc/vmstat``).
+
+    Other users of a shared machine drop caches for their own cold runs; a count that grows
+    during a cell (beyond our own drops) means a warm cell was not warm.
+    """
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("drop_pagecache "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
     return None
 
 

@@ -52,6 +52,10 @@ class FioResult:
     clat_p99_us: float | None
     usr_cpu: float
     sys_cpu: float
+    # Lowest and highest bandwidth of fio's 0.5 s samples (KiB/s in its JSON), summed over
+    # jobs: a pass that stalls in stretches (slow storage below, a stuck daemon) shows here.
+    bw_sample_min_kib: float | None = None
+    bw_sample_max_kib: float | None = None
 
     @property
     def mib_s(self) -> float:
@@ -83,6 +87,8 @@ def parse_fio_json(text: str) -> FioResult:
     ios = 0
     p99: float | None = None
     usr = sys_ = 0.0
+    bw_lo = bw_hi = 0.0
+    sampled = False
     for job in jobs:
         if job.get("error", 0):
             raise FioError(f"fio job {job.get('jobname', '?')} failed: error {job['error']}")
@@ -100,6 +106,10 @@ def parse_fio_json(text: str) -> FioResult:
             p99 = max(p99 or 0.0, float(pct) / 1000.0)
         usr += float(job.get("usr_cpu", 0.0))
         sys_ += float(job.get("sys_cpu", 0.0))
+        if int(rd.get("bw_samples", 0)) > 0:
+            sampled = True
+            bw_lo += float(rd.get("bw_min", 0.0))
+            bw_hi += float(rd.get("bw_max", 0.0))
     return FioResult(
         iops=iops,
         bw_bytes=bw,
@@ -109,6 +119,8 @@ def parse_fio_json(text: str) -> FioResult:
         clat_p99_us=p99,
         usr_cpu=usr,
         sys_cpu=sys_,
+        bw_sample_min_kib=bw_lo if sampled else None,
+        bw_sample_max_kib=bw_hi if sampled else None,
     )
 
 
@@ -130,6 +142,9 @@ class Measurement:
     io_bytes: int | None = None
     error: str | None = None
     note: str = ""
+    # How the cell was prepared: storage priming, cache drop, settle time, the kernel tuning
+    # read back after the mount (readahead, max_background), disturbances seen during it.
+    prep: str = ""
 
     def value(self, metric: Metric) -> float | None:
         if self.error is not None:
@@ -498,6 +513,11 @@ def render_markdown(results: Results, plots: Sequence[str] = ()) -> str:
     if notes:
         out += ["", "## asyncfs cells: daemon counters and options", ""]
         out += [f"- `{m.target}` {m.workload}/{m.phase}/{m.jobs}: {m.note}" for m in notes]
+
+    preps = [m for m in results.measurements if m.prep]
+    if preps:
+        out += ["", "## Preparation of each cell (storage priming, settle, kernel tuning)", ""]
+        out += [f"- `{m.target}` {m.workload}/{m.phase}/{m.jobs}: {m.prep}" for m in preps]
 
     errs = errors_of(results)
     if errs:

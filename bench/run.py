@@ -2,12 +2,18 @@
 
     sudo .venv/bin/python bench/run.py            # full matrix, ~8-12 min, writes docs/
     sudo .venv/bin/python bench/run.py --quick    # reduced matrix, ~2-3 min, for development
+    sudo .venv/bin/python bench/run.py --only seq1m --targets asyncfs-async,kernel --out /tmp/b
 
 Order: workload outer, target inner, so all targets of one cell run minutes apart under the same
-machine load. "cold" = image fsync'ed and fadvise(DONTNEED)'ed, host caches dropped, target
-freshly mounted; "warm" = a second pass on the same mount. A target that cannot run (asyncfs
-not built yet, no root for the loop mount) is reported as "not available: <reason>" and the run
-goes on. Every mount and loop device is removed on exit, Ctrl-C and SIGTERM included.
+machine load. "cold" = the storage under the image primed for the bytes the cells read (O_DIRECT,
+so a VM disk cached by its host is equally fast for every target, not only for the ones after
+the first), image fsync'ed and fadvise(DONTNEED)'ed, guest caches dropped, target freshly
+mounted, its root stat()ed and 0.5 s of settling; "warm" = a second pass on the same mount.
+Each cell records that preparation and the kernel tuning read back (readahead, max_background)
+in ``Measurement.prep``, and is flagged if another process dropped the page cache meanwhile.
+A target that cannot run (asyncfs not built yet, no root for the loop mount) is reported as
+"not available: <reason>" and the run goes on. Every mount and loop device is removed on exit,
+Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from bench import image as img  # noqa: E402
 from bench.plots import write_plots  # noqa: E402
 from bench.report import (  # noqa: E402
     MIB,
+    TARGET_LABELS,
     FioError,
     Measurement,
     Results,
@@ -55,6 +62,7 @@ from bench.targets import (  # noqa: E402
     call_with_timeout,
     cleanup_all,
     cleanup_stale,
+    kernel_tuning,
 )
 from bench.workloads import (  # noqa: E402
     fio_cell,
@@ -66,6 +74,9 @@ from bench.workloads import (  # noqa: E402
 
 MEMORY_CAP_S = 90.0  # the 2 GiB stream at >= 23 MiB/s; keeps a slow build inside the budget
 WARM_UP_TIMEOUT_S = 300.0  # 1 GiB through the slowest target; beyond this the mount is hung
+SETTLE_S = 0.5  # after the mount answers: asyncfs tunes its connection ~50 ms after FUSE_INIT
+SETTLE_TIMEOUT_S = 20.0
+WORKLOADS = ("rand4k", "seq1m", "warm", "smallfiles", "scaling", "memory")
 Cell = tuple[str, str, int, Callable[[Mounted], Measurement]]  # workload, phase, jobs, measure
 
 
@@ -106,27 +117,59 @@ class Log:
 
 
 class Runner:
-    """Runs cells: mounts fresh when cold, records a Measurement (or the reason) for each."""
+    """Runs cells: mounts fresh when cold, records a Measurement (or the reason) for each.
 
-    def __init__(self, results: Results, image: Path, log: Log) -> None:
+    Every cold session gets the same preparation, whatever the target: the storage under the
+    image is primed for the bytes the cells read (``img.prime_storage``), the guest's caches
+    are dropped, the target is mounted, its root is stat()ed (a FUSE daemon has answered INIT)
+    and the harness waits ``SETTLE_S`` (a daemon tunes its connection just after INIT); then the
+    kernel tuning in effect is read back. All of it goes into each cell's ``prep``.
+    """
+
+    def __init__(self, results: Results, image: Path, log: Log,
+                 prime_sets: dict[str, list[img.Span]] | None = None) -> None:
         self.results = results
         self.image = image
         self.log = log
         self.unavailable: dict[str, str] = {}
+        self.prime_sets = prime_sets or {}
+        self.own_drops = 0  # drop_caches writes by this run (others' show up as extra)
 
-    def cold(self) -> None:
+    def cold(self, prime: str | None = None) -> str:
+        """Prime the storage for ``prime`` (a key of ``prime_sets``), drop the caches; what
+        was done, for the cell's ``prep``."""
+        done = []
+        spans = self.prime_sets.get(prime) if prime else None
+        if spans:
+            res = img.prime_storage(self.image, spans)
+            done.append(res.describe())
         warn = img.drop_caches(self.image)
+        self.own_drops += 1
         if warn and warn not in self.results.info.notes:
             self.results.info.notes.append(warn)
+        done.append("caches dropped" if not warn else "only the image fadvised")
+        return "; ".join(done)
+
+    def settle(self, m: Mounted) -> str:
+        """Wait until the mount answers and has had ``SETTLE_S`` to finish its own start-up
+        (asyncfs tunes readahead and max_background after FUSE_INIT); the tuning read back."""
+        t0 = time.monotonic()
+        if m.root is not None:
+            root = m.root
+            call_with_timeout(lambda: os.stat(root), SETTLE_TIMEOUT_S, self.hang(m))
+        time.sleep(SETTLE_S)
+        return f"settled {time.monotonic() - t0:.2f} s; {kernel_tuning(m)}"
 
     def session(
         self,
         target: Target,
         cells: Sequence[Cell],
         extra: Sequence[str] = (),
-        cold: bool = True,
+        prime: str | None = None,
     ) -> None:
-        """One fresh mount, then each (workload, phase, jobs, measure) cell in order."""
+        """One fresh cold mount, then each (workload, phase, jobs, measure) cell in order.
+
+        ``prime`` names the spans of the image the cells read (``prime_sets``)."""
         reason = self.unavailable.get(target.key)
         if reason is None:
             reason = target.unavailable()
@@ -135,12 +178,17 @@ class Runner:
                 self.results.add(Measurement(w, target.key, p, j, error=reason))
             return
         self.results.info.mount_options.setdefault(target.key, target.options(extra))
-        if cold:
-            self.cold()
+        prep = self.cold(prime)
+        # Drops by others from here on can empty what a cell (or a warm cell after it) reads.
+        drops0, own0 = img.page_cache_drops(), self.own_drops
         try:
             with target.mounted(extra) as m:
                 broken: str | None = None
-                for w, p, j, measure in cells:
+                try:
+                    prep += "; " + self.settle(m)
+                except HungError as exc:
+                    broken = f"mount aborted after a hang: {exc}"
+                for n, (w, p, j, measure) in enumerate(cells):
                     if broken is not None:
                         self.results.add(Measurement(w, target.key, p, j, error=broken))
                         continue
@@ -155,6 +203,14 @@ class Runner:
                         meas = Measurement(w, target.key, p, j,
                                            error=f"{type(exc).__name__}: {exc}"[:300])
                     meas.note = (meas.note + f"; options {m.options}").strip("; ")
+                    meas.prep = prep if n == 0 else f"same mount after {cells[n - 1][0]}/" \
+                        f"{cells[n - 1][1]}/{cells[n - 1][2]}"
+                    foreign = _foreign_drops(drops0, img.page_cache_drops(),
+                                             self.own_drops - own0)
+                    if foreign:
+                        meas.prep += (f"; DISTURBED: another process dropped the page cache "
+                                      f"{foreign}x since this mount's cold start")
+                        self._disturbed(f"{target.key} {w}/{p}/{j}")
                     self.results.add(meas)
                     self.log(f"  {target.key:18} {w}/{p}/{j}: {_brief(meas)}")
         except Exception as exc:  # mount or unmount failed; the other targets still run
@@ -164,9 +220,26 @@ class Runner:
                     self.results.add(Measurement(w, target.key, p, j, error=f"{what}: {exc}"))
             self.log(f"  {target.key:18} {what} failed: {exc}")
 
+    def _disturbed(self, cell: str) -> None:
+        notes = self.results.info.notes
+        head = "cells during which another process dropped the page cache (warm ones are " \
+               "not warm; rerun them):"
+        for i, n in enumerate(notes):
+            if n.startswith(head):
+                notes[i] = f"{n}, {cell}"
+                return
+        notes.append(f"{head} {cell}")
+
     @staticmethod
     def hang(m: Mounted) -> Callable[[], None]:
         return lambda: abort_fuse(m)
+
+
+def _foreign_drops(before: int | None, after: int | None, own: int) -> int:
+    """drop_caches writes during a cell that were not ours (0 when the counter is unknown)."""
+    if before is None or after is None:
+        return 0
+    return max(0, after - before - own)
 
 
 def _brief(m: Measurement) -> str:
@@ -248,10 +321,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--targets", default="asyncfs-async,asyncfs-threads,fuse2fs,kernel,raw",
                     help="comma list of main-matrix targets")
     ap.add_argument("--skip", default="", help="comma list of workloads to skip: "
-                    "rand4k,seq1m,warm,smallfiles,scaling,memory")
+                    + ",".join(WORKLOADS))
+    ap.add_argument("--only", default="", help="comma list of the only workloads to run "
+                    "(e.g. --only seq1m); the other workloads are skipped")
+    ap.add_argument("--no-prime", action="store_true",
+                    help="do not prime the storage under the image before cold cells (only to "
+                    "show what priming changes: the first target to read a file pays for it)")
     ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
                     help="re-render the report from a results.json, measure nothing")
     args = ap.parse_args(argv)
+    # Bad selectors fail here, before anything is measured or last-results.json is replaced.
+    selected_workloads(args.only, args.skip)
+    unknown = [t for t in args.targets.split(",") if t and t not in TARGET_LABELS]
+    if unknown:
+        ap.error(f"unknown targets: {', '.join(unknown)} (known: {','.join(TARGET_LABELS)})")
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.report_only:
@@ -310,6 +393,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def selected_workloads(only: str, skip: str) -> set[str]:
+    """The workloads to run: ``--only`` if given, else all but ``--skip``. Skipping rand4k also
+    skips its warm cells (as before); ``--only warm`` runs the warm cells alone."""
+    names = [w for w in (only or skip).split(",") if w]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workloads: {', '.join(unknown)} (known: {','.join(WORKLOADS)})")
+    if only:
+        return set(names)
+    run = set(WORKLOADS) - set(names)
+    if "rand4k" not in run:
+        run.discard("warm")
+    return run
+
+
 def write_report(results: Results, out: Path) -> None:
     plots = write_plots(results, out)
     (out / "benchmarks-results.md").write_text(render_markdown(results, plots))
@@ -348,8 +446,23 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
     if unknown:
         raise SystemExit(f"unknown targets: {', '.join(unknown)}")
     targets = [main_targets[k] for k in chosen]
-    skip = set(args.skip.split(","))
-    r = Runner(results, image, log)
+    run = selected_workloads(args.only, args.skip)
+    # What each kind of cell reads, so its cold preparation primes exactly that (plus the
+    # metadata, directories and small files around it: everything outside the two big files).
+    try:
+        big = img.file_extents(image, man.big.path)
+        rand = img.file_extents(image, man.rand.path)
+        other = img.complement_spans(big + rand, man.image_size)
+        prime_sets = {"big": big + other, "rand": rand + other, "tree": other}
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        info.notes.append(f"cannot map the image's files ({exc}); cold cells prime all of it")
+        whole = [(0, man.image_size)]
+        prime_sets = {"big": whole, "rand": whole, "tree": whole}
+    if args.no_prime:
+        info.notes.append("--no-prime: cold cells read storage in whatever state the run "
+                          "before left it (the first target to read a file pays for it)")
+        prime_sets = {}
+    r = Runner(results, image, log, prime_sets)
 
     for t in targets:
         reason = t.unavailable()
@@ -409,7 +522,8 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
 
     def scaling_cell(readers: int) -> Cell:
         def measure(m: Mounted) -> Measurement:
-            r.cold()  # misses must reach the (slow) backend, not a host-cached copy
+            r.cold()  # misses must reach the (slow) backend, not a cached copy (primed once
+            # per session: the storage is as fast for every point; latency=1 dominates anyway)
             job = random_job(m, man.rand, f"{m.target}-scaling-{readers}", readers,
                              plan.scaling_runtime_s, randrepeat=False)
             return fio_cell(m, job, "scaling", "latency=1", run_dir, r.hang(m))
@@ -427,33 +541,33 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
             return meas
         return ("memory", "stream", 1, measure)
 
-    if "rand4k" not in skip:
+    if "rand4k" in run:
         log("== random 4 KiB, cold (fresh mount each)")
         for jobs in plan.rand_jobs:
             for t in targets:
-                r.session(t, [rand_cell("cold", jobs)])
+                r.session(t, [rand_cell("cold", jobs)], prime="rand")
 
-    if "seq1m" not in skip:
+    if "seq1m" in run:
         log("== sequential 1 MiB, cold then warm (one mount)")
         for t in targets:
-            r.session(t, seq_cells())
+            r.session(t, seq_cells(), prime="big")
 
-    if "warm" not in skip and "rand4k" not in skip:
+    if "warm" in run:
         span = plan.warm_span or man.rand.size
         log(f"== random 4 KiB, warm (after one {span // MIB} MiB read through the mount)")
         for t in targets:
             if t.key == "raw":
                 continue  # direct=1 on the image file bypasses the page cache: warm == cold
             r.session(t, [rand_cell("warm", jobs, plan.warm_span, warm_first=n == 0)
-                          for n, jobs in enumerate(plan.warm_jobs)])
+                          for n, jobs in enumerate(plan.warm_jobs)], prime="rand")
 
-    if "smallfiles" not in skip:
+    if "smallfiles" in run:
         log("== many small files: find + cat, cold")
         for t in targets:
             if t.key != "raw":
-                r.session(t, [small_cell()])
+                r.session(t, [small_cell()], prime="tree")
 
-    if "scaling" not in skip:
+    if "scaling" in run:
         log(f"== slow device (latency=1, cache_size={plan.scaling_cache}): "
             f"readers {plan.scaling_readers}")
         common = ("latency=1", f"cache_size={plan.scaling_cache}")
@@ -465,9 +579,9 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
         for t in configs:
             if async_reason:
                 r.unavailable[t.key] = async_reason
-            r.session(t, [scaling_cell(n) for n in plan.scaling_readers])
+            r.session(t, [scaling_cell(n) for n in plan.scaling_readers], prime="rand")
 
-    if "memory" not in skip:
+    if "memory" in run:
         span = plan.mem_span or man.big.size
         log(f"== memory: stream {span // MIB} MiB of big.bin, cache_size=64M, daemon peak RSS")
         mem_targets: list[Target] = [
@@ -477,7 +591,7 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
         if "fuse2fs" in chosen:
             mem_targets.append(main_targets["fuse2fs"])
         for t in mem_targets:
-            r.session(t, [memory_cell(span)])
+            r.session(t, [memory_cell(span)], prime="big")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,44 @@ class Mounted:
 
 _ACTIVE: list[tuple[Target, Mounted]] = []
 
+SYS_BDI = Path("/sys/class/bdi")
+
+
+def _sysfs_int(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "?"
+
+
+def kernel_tuning(m: Mounted) -> str:
+    """The kernel-side knobs that shape this target's reads, read back from sysfs.
+
+    FUSE: the mount's readahead (``/sys/class/bdi/0:N/read_ahead_kb``, which a daemon may raise
+    after FUSE_INIT) and the connection's ``max_background``/``congestion_threshold``. Kernel
+    loop mount: the loop device's readahead. Raw image: the readahead of the disk holding it.
+    Recorded in every cell so a number can be traced to the tuning it ran with.
+    """
+    if m.root is None or m.loop_dev is not None:
+        if m.loop_dev is not None:
+            st = os.stat(m.loop_dev).st_rdev
+            what = f"loop {m.loop_dev}"
+        else:
+            st = os.stat(m.image).st_dev
+            what = "disk"
+        dev = f"{os.major(st)}:{os.minor(st)}"
+        return f"read_ahead_kb {_sysfs_int(SYS_BDI / dev / 'read_ahead_kb')} ({what} {dev})"
+    entry = mount_entry(m.root)
+    if entry is None:
+        return "not mounted"
+    dev = entry[0]
+    parts = [f"read_ahead_kb {_sysfs_int(SYS_BDI / dev / 'read_ahead_kb')}"]
+    if m.fuse_conn is not None:
+        conn = FUSECTL / str(m.fuse_conn)
+        parts.append(f"max_background {_sysfs_int(conn / 'max_background')}")
+        parts.append(f"congestion_threshold {_sysfs_int(conn / 'congestion_threshold')}")
+    return ", ".join(parts) + f" (bdi {dev})"
+
 
 # ---- /proc helpers -------------------------------------------------------------------------
 

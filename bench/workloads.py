@@ -166,12 +166,18 @@ def fio_cell(
     with watched(m) as w:
         res = run_fio(job, out_dir, on_hang)
     counters = stats_delta(before, m.stats())
+    spread = ""
+    if workload in ("seq1m", "memory") and res.bw_sample_min_kib is not None \
+            and res.bw_sample_max_kib is not None:
+        spread = (f"; 0.5 s samples {res.bw_sample_min_kib / 1024:,.0f}-"
+                  f"{res.bw_sample_max_kib / 1024:,.0f} MiB/s")
     return Measurement(
         workload=workload, target=m.target, phase=phase, jobs=job.numjobs,
         iops=res.iops, mib_s=res.mib_s, lat_p99_us=res.clat_p99_us,
         seconds=res.runtime_ms / 1000.0, cpu_s=w.cpu_s, io_bytes=res.io_bytes,
         rss_peak_mib=w.peak_mib if hwm else w.rss_max_mib,
-        note=f"{res.io_bytes / (1 << 20):.0f} MiB read" + (f"; {counters}" if counters else ""),
+        note=f"{res.io_bytes / (1 << 20):.0f} MiB read" + spread
+        + (f"; {counters}" if counters else ""),
     )
 
 

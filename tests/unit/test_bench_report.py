@@ -93,6 +93,26 @@ def test_failed_fio_job_raises_even_after_leading_notes(tmp_path: Path) -> None:
         parse_fio_json(text)
 
 
+@needs_fio
+def test_parse_keeps_the_bandwidth_sample_spread(tmp_path: Path, data_file: Path) -> None:
+    """The slowest and fastest 0.5 s sample of a pass (a stall shows as a tiny minimum).
+
+    Broken variant: reading ``bw`` (the average) for both reports no spread at all.
+    """
+    text = _fio(tmp_path, "--name=t", f"--filename={data_file}", "--rw=read", "--bs=64k",
+                "--ioengine=psync", "--time_based", "--runtime=700ms", "--bwavgtime=50")
+    doc = json.loads(text)["jobs"][0]["read"]
+    res = parse_fio_json(text)
+    assert doc["bw_samples"] >= 2
+    lo, hi = res.bw_sample_min_kib, res.bw_sample_max_kib
+    assert lo is not None and hi is not None
+    assert lo == doc["bw_min"] and hi == doc["bw_max"] and lo < hi
+    short = _fio(tmp_path, "--name=s", f"--filename={data_file}", "--rw=read", "--bs=1m",
+                 "--ioengine=psync", "--size=1M")
+    if json.loads(short)["jobs"][0]["read"]["bw_samples"] == 0:
+        assert parse_fio_json(short).bw_sample_min_kib is None
+
+
 def test_parse_rejects_garbage() -> None:
     with pytest.raises(FioError):
         parse_fio_json("fio: something went wrong\n")
@@ -123,6 +143,10 @@ def _check(results: Results, label_part: str) -> tuple[float | None, str]:
     raise AssertionError(label_part)
 
 
+def _approx(row: tuple[float | None, str], value: float, status: str) -> bool:
+    return row[0] is not None and row[0] == pytest.approx(value) and row[1] == status
+
+
 def test_issue_checks_pass_fail_and_na() -> None:
     """Broken variants: dividing kernel by asyncfs (inverted ratio), or passing a missing cell."""
     res = _results([
@@ -137,11 +161,11 @@ def test_issue_checks_pass_fail_and_na() -> None:
         Measurement("scaling", "asyncfs-threads4", "latency=1", 32,
                     error="mount: latency not supported"),
     ])
-    assert _check(res, "32 jobs: asyncfs / kernel") == (pytest.approx(1.4), "PASS")
-    assert _check(res, "32 jobs: asyncfs / fuse2fs") == (pytest.approx(1.75), "FAIL")
-    assert _check(res, "many small files") == (pytest.approx(1.5), "PASS")
+    assert _approx(_check(res, "32 jobs: asyncfs / kernel"), 1.4, "PASS")
+    assert _approx(_check(res, "32 jobs: asyncfs / fuse2fs"), 1.75, "FAIL")
+    assert _approx(_check(res, "many small files"), 1.5, "PASS")
     assert _check(res, "peak RSS (async)") == (170.0, "FAIL")
-    assert _check(res, "32 readers / 1 reader") == (pytest.approx(20.0), "FAIL")
+    assert _approx(_check(res, "32 readers / 1 reader"), 20.0, "FAIL")
     assert _check(res, "async / threads=4") == (None, "n/a")  # measured with an error
     assert _check(res, "cold sequential 1 MiB: asyncfs / kernel")[1] == "n/a"
 

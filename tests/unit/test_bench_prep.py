@@ -1,0 +1,191 @@
+"""The harness's cold preparation: where a file lies in the image, priming the storage under it,
+the workload selector, foreign cache drops, the kernel tuning read back, and the report of it.
+
+Real parts: images made with ``mke2fs -d``, files in tmp_path read with O_DIRECT, ``fincore``
+to see what the page cache holds. Nothing here drops the machine's caches or mounts anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench import image as img
+from bench.report import Measurement, Results, RunInfo, render_markdown
+from bench.run import _foreign_drops, selected_workloads
+from bench.targets import Mounted, kernel_tuning
+
+needs_e2fs = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("debugfs") is None,
+                                reason="e2fsprogs not installed")
+
+# Real `debugfs -R "ex big.bin"` output of the benchmark image (depth-1 extent tree): the first
+# entry is the index block, the others are data.
+DEBUGFS_EX_DEPTH1 = """\
+Level Entries         Logical        Physical Length Flags
+ 0/ 1   1/  1      0 - 524287 131535          524288
+ 1/ 1   1/ 18      0 -  24106   8661 -  32767  24107
+ 1/ 1   2/ 18  24107 -  56873  33231 -  65997  32767
+ 1/ 1   5/ 18 121947 - 121947 131534 - 131534      1
+ 1/ 1   6/ 18 121948 - 154251 131536 - 163839  32304
+"""
+
+
+def test_parse_extents_keeps_data_leaves_not_the_index_block() -> None:
+    """Broken variant: a pattern that also accepts index entries (or reads the logical columns)
+    primes a tree block and misses data; here it would report block 131535 or start at 0."""
+    spans = img.parse_extents(DEBUGFS_EX_DEPTH1)
+    b = img.BLOCK
+    assert spans == [
+        (8661 * b, (32767 - 8661 + 1) * b),
+        (33231 * b, (65997 - 33231 + 1) * b),
+        (131534 * b, b),  # block 131535 between these two is the index block: not data
+        (131536 * b, (163839 - 131536 + 1) * b),
+    ]
+    assert sum(n for _, n in spans) == (24107 + 32767 + 1 + 32304) * b
+
+
+@needs_e2fs
+def test_file_extents_point_at_the_files_bytes(tmp_path: Path) -> None:
+    """The spans, read from the image, are the file's content (a real ``mke2fs -d`` image).
+
+    Broken variant: taking the logical block numbers as physical ones reads the superblock
+    area, not the file.
+    """
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(300 * 1024 + 123)
+    (src / "f.bin").write_bytes(data)
+    (src / "small").write_bytes(b"x" * 5000)
+    image = tmp_path / "t.img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", str(src), str(image),
+                    "8M"], check=True, capture_output=True)
+    spans = img.file_extents(image, "f.bin")
+    with open(image, "rb") as f:
+        got = b"".join(os.pread(f.fileno(), n, off) for off, n in spans)
+    assert got[: len(data)] == data
+    assert len(got) == -(-len(data) // 4096) * 4096
+    with pytest.raises(RuntimeError):
+        img.file_extents(image, "missing")
+
+
+def _covered(spans: list[img.Span]) -> set[int]:
+    return {b for off, n in spans for b in range(off, off + n)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40)), max_size=12),
+       st.integers(0, 250))
+def test_merge_and_complement_partition_the_image(raw: list[img.Span], size: int) -> None:
+    """merge keeps exactly the covered bytes, sorted and disjoint; complement is the rest.
+
+    Broken variant: a complement that advances ``pos`` to the end of each span even when an
+    earlier, longer span already covers further gives bytes to both sides.
+    """
+    merged = img.merge_spans(raw)
+    assert _covered(merged) == _covered(raw)
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(merged))
+    rest = img.complement_spans(raw, size)
+    assert _covered(rest) == set(range(size)) - _covered(raw)
+    assert all(n > 0 for _, n in rest)
+
+
+def _resident_pages(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="util-linux fincore missing")
+def test_prime_storage_reads_every_span_and_leaves_no_page_cache(tmp_path: Path) -> None:
+    """Priming must read the spans (all of them, in chunks) without filling this kernel's page
+    cache: drop_caches after it would otherwise be the only thing keeping the cell cold.
+
+    Broken variants: buffered reads leave the file resident (fincore > 0); a loop that stops
+    after the first chunk reads fewer bytes.
+    """
+    p = tmp_path / "img.bin"
+    p.write_bytes(os.urandom(1 << 20))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:
+        os.close(os.open(p, os.O_RDONLY | os.O_DIRECT))
+        direct_ok = True
+    except OSError:  # tmpfs: priming falls back to buffered reads + DONTNEED
+        direct_ok = False
+    before = _resident_pages(p)
+    spans = [(0, 200 * 1024), (512 * 1024, 300 * 1024), (1000 * 1024, 100 * 1024)]  # last: EOF
+    res = img.prime_storage(p, spans, chunk=64 * 1024)
+    assert res.nbytes == 200 * 1024 + 300 * 1024 + 24 * 1024
+    assert res.direct == direct_ok
+    assert _resident_pages(p) <= before  # (buffered fallback: dropped again afterwards)
+    assert "MiB/s" in res.describe()
+
+
+def test_selected_workloads() -> None:
+    """Broken variant: ``--only seq1m`` still running rand4k (or --skip rand4k running its
+    warm cells, which need the random cells' mount pattern)."""
+    assert selected_workloads("seq1m", "") == {"seq1m"}
+    assert selected_workloads("warm", "") == {"warm"}
+    assert selected_workloads("", "rand4k,memory") == {"seq1m", "smallfiles", "scaling"}
+    assert selected_workloads("", "") == {"rand4k", "seq1m", "warm", "smallfiles", "scaling",
+                                          "memory"}
+    with pytest.raises(SystemExit):
+        selected_workloads("seq", "")
+
+
+def test_foreign_drops_subtract_our_own() -> None:
+    """Broken variant: counting every drop flags the scaling cells, which drop caches
+    themselves, as disturbed."""
+    assert _foreign_drops(10, 13, own=3) == 0
+    assert _foreign_drops(10, 13, own=1) == 2
+    assert _foreign_drops(None, 13, own=0) == 0
+    counter = img.page_cache_drops()
+    assert counter is None or counter >= 0
+
+
+def test_kernel_tuning_of_the_raw_image_names_its_disk(tmp_path: Path) -> None:
+    """Broken variant: st_rdev (0 for a regular file) instead of st_dev names bdi 0:0."""
+    p = tmp_path / "raw.img"
+    p.write_bytes(b"\0" * 4096)
+    st = os.stat(p).st_dev
+    dev = f"{os.major(st)}:{os.minor(st)}"
+    text = kernel_tuning(Mounted("raw", "", None, p))
+    assert f"disk {dev}" in text
+    ra = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+    if ra.exists():
+        assert f"read_ahead_kb {ra.read_text().strip()} " in text
+
+
+def test_report_lists_every_targets_preparation_and_reads_old_json() -> None:
+    """The kernel and fuse2fs cells' preparation is shown too (the asyncfs-only notes section
+    is not enough to compare cold starts), and results saved before ``prep`` existed load.
+
+    Broken variant: rendering ``prep`` only for asyncfs targets drops the kernel's line.
+    """
+    res = Results(RunInfo(command="bench/run.py", started="now", quick=False,
+                          availability={"asyncfs-async": "ok", "kernel": "ok"}), [
+        Measurement("seq1m", "asyncfs-async", "cold", 1, mib_s=500.0,
+                    prep="storage primed: 2,668 MiB; read_ahead_kb 1024, max_background 64"),
+        Measurement("seq1m", "kernel", "cold", 1, mib_s=480.0,
+                    prep="storage primed: 2,668 MiB; read_ahead_kb 2560 (loop /dev/loop0 7:0)"),
+    ])
+    md = render_markdown(res)
+    assert "- `kernel` seq1m/cold/1: storage primed: 2,668 MiB; read_ahead_kb 2560" in md
+    assert "max_background 64" in md
+    doc = json.loads(res.to_json())
+    for m in doc["measurements"]:
+        del m["prep"]
+    again = Results.from_json(json.dumps(doc))
+    assert again.measurements[0].prep == "" and again.measurements[0].mib_s == 500.0
