@@ -28,6 +28,7 @@ from asyncfs.engine.volume_maps import (
     IndirectFileMap,
     InlineFileMap,
 )
+from asyncfs.engine.volume_ra import EXT4_DEF_INODE_READAHEAD_BLKS, DeviceReadahead
 from asyncfs.errors import (
     ChecksumError,
     CorruptionError,
@@ -56,6 +57,7 @@ from asyncfs.ext4.group import (
     check_group_desc,
     descriptor_block,
     inode_location,
+    inode_table_readahead,
     parse_group_desc,
 )
 from asyncfs.ext4.htree import (
@@ -114,6 +116,7 @@ class OpenFile:
     ino: int
     fmap: FileMap
     ra: object | None
+    unread: bool = True  # no read yet: the first one may read around a small file
 
 
 @dataclass(slots=True)
@@ -126,7 +129,12 @@ class _InodeInfo:
 
 class _MountCall(Protocol):
     async def __call__(
-        self, reader: DeviceReader, *, verify_csum: bool = True, device_size: int
+        self,
+        reader: DeviceReader,
+        *,
+        verify_csum: bool = True,
+        device_size: int,
+        readahead: bool = True,
     ) -> Volume: ...
 
 
@@ -166,6 +174,7 @@ class Volume:
         *,
         verify_csum: bool,
         device_size: int,
+        readahead: bool = True,
     ) -> None:
         self._reader = reader
         self.sb = sb
@@ -189,6 +198,7 @@ class Volume:
             OrderedDict()
         )
         self._info: OrderedDict[int, _InodeInfo] = OrderedDict()
+        self._ra = DeviceReadahead(reader, device_size, enabled=readahead)
         self._logged: OrderedDict[object, None] = OrderedDict()
         self._parsed_blocks = 0
         self._overhead = 0
@@ -198,6 +208,11 @@ class Volume:
         if self._casefold_fs:
             casefold.check_encoding(sb.s_encoding)
 
+    @property
+    def device_readahead(self) -> DeviceReadahead:
+        """The volume's device readahead state (its counters are read by tests)."""
+        return self._ra
+
     # ---------------------------------------------------------------------------------------
     # mount
 
@@ -205,11 +220,17 @@ class Volume:
 
     @classmethod
     async def mount(
-        cls, reader: DeviceReader, *, verify_csum: bool = True, device_size: int
+        cls,
+        reader: DeviceReader,
+        *,
+        verify_csum: bool = True,
+        device_size: int,
+        readahead: bool = True,
     ) -> Volume:
         """Read and check the superblock and group descriptors; ImageError if unusable.
 
-        Also reachable as ``Volume.open(reader, ...)`` (see :class:`_OpenDispatch`)."""
+        Also reachable as ``Volume.open(reader, ...)`` (see :class:`_OpenDispatch`).
+        ``readahead=False`` turns off the device readahead of volume_ra.py (tests compare)."""
         if device_size < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
             raise ImageError("image too small to hold an ext2/3/4 superblock")
         raw = await reader.read_dev(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE)
@@ -219,7 +240,10 @@ class Volume:
                 f"filesystem is {sb.s_blocks_count * sb.block_size} bytes but the device "
                 f"holds only {device_size}"
             )
-        vol = cls(reader, sb, [], verify_csum=verify_csum, device_size=device_size)
+        vol = cls(
+            reader, sb, [], verify_csum=verify_csum, device_size=device_size,
+            readahead=readahead,
+        )
         vol._init_csum(bytes(raw))
         vol._gds = await vol._read_group_descs()
         if sb.needs_recovery:
@@ -303,7 +327,15 @@ class Volume:
         if not 1 <= ino <= sb.s_inodes_count:
             raise NoEntryError(f"inode {ino} out of range")
         gd = self._gds[(ino - 1) // sb.s_inodes_per_group]
-        raw = bytes(await self._reader.read_dev(inode_location(sb, gd, ino), sb.s_inode_size))
+        loc = inode_location(sb, gd, ino)
+        if not self._ra.cached(loc):
+            # one device request for the table blocks around it, as ext4 reads ahead
+            # s_inode_readahead_blks: a walk meets the neighbours next
+            await self._ra.blocks(
+                inode_table_readahead(sb, gd, ino, EXT4_DEF_INODE_READAHEAD_BLKS),
+                sb.block_size,
+            )
+        raw = bytes(await self._reader.read_dev(loc, sb.s_inode_size))
         self._verify_inode(ino, raw)
         inode = parse_inode(raw, ino, sb)
         if inode.i_links_count == 0 and ino != _EXT4_BOOT_LOADER_INO:
@@ -793,6 +825,15 @@ class Volume:
         nblocks = (inode.i_size + bs - 1) // bs
         if nblocks > 1 and not self._casefolded(inode):
             return await self._linear_table_lookup(inode, info.fmap, name, nblocks)
+        if nblocks == 1 and not self._casefolded(inode):
+            # the block's name table (built once, bounded) instead of comparing names one by
+            # one; a hole finds nothing, as the scan below would
+            if await self._block_entries(inode, info.fmap, 0) is None:
+                raise NoEntryError(f"no entry {name!r}")
+            found = (await self.leaf_names(inode, 0)).get(name)
+            if found is None:
+                raise NoEntryError(f"no entry {name!r}")
+            return found
         for lblk in chain.from_iterable(await self._dir_ranges(info.fmap, nblocks)):
             for e in await self._block_entries(inode, info.fmap, lblk) or ():
                 if e.inode and self._name_eq(inode, e.name, name):
@@ -988,6 +1029,9 @@ class Volume:
         return OpenFile(ino, fmap, self._reader.new_readahead())
 
     async def read(self, handle: OpenFile, off: int, size: int) -> bytes | memoryview:
+        if handle.unread:
+            handle.unread = False
+            await self._ra.small_file(handle.fmap)
         return await self._reader.read_file(handle.fmap, handle.ra, off, size)
 
     async def file_map(self, ino: int) -> FileMap:

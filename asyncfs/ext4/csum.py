@@ -127,8 +127,8 @@ def csum_seed_from_superblock(raw_sb: bytes) -> int:
 
 def inode_csum_seed(fs_seed: int, ino: int, generation: int) -> int:
     """ei->i_csum_seed: the fs seed extended with le32 inode number and le32 generation."""
-    c = ext4_chksum(fs_seed, struct.pack("<I", ino & _M))
-    return ext4_chksum(c, struct.pack("<I", generation & _M))
+    # one CRC over both words: CRC32C continues across the two pieces exactly
+    return ext4_chksum(fs_seed, struct.pack("<II", ino & _M, generation & _M))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,18 +187,13 @@ def _has_checksum_hi(raw_inode: bytes, inode_size: int) -> bool:
 
 def inode_csum(raw_inode: bytes, inode_size: int, inode_seed: int) -> int:
     """ext4_inode_csum: checksum fields read as zero; full 32 bits (the caller masks)."""
-    raw = raw_inode[:inode_size]
-    c = ext4_chksum(inode_seed, raw[:_I_CHECKSUM_LO_OFF])
-    c = ext4_chksum(c, b"\0\0")
-    c = ext4_chksum(c, raw[_I_CHECKSUM_LO_OFF + 2 : EXT4_GOOD_OLD_INODE_SIZE])
-    if inode_size > EXT4_GOOD_OLD_INODE_SIZE:
-        c = ext4_chksum(c, raw[EXT4_GOOD_OLD_INODE_SIZE:_I_CHECKSUM_HI_OFF])
-        off = _I_CHECKSUM_HI_OFF
-        if _has_checksum_hi(raw, inode_size):
-            c = ext4_chksum(c, b"\0\0")
-            off += 2
-        c = ext4_chksum(c, raw[off:inode_size])
-    return c
+    # one CRC over a copy with the checksum fields zeroed (the kernel feeds the same bytes
+    # in pieces, with two zero bytes in place of each field: CRC32C chains, so it is equal)
+    raw = bytearray(raw_inode[:inode_size])
+    raw[_I_CHECKSUM_LO_OFF : _I_CHECKSUM_LO_OFF + 2] = b"\0\0"
+    if _has_checksum_hi(raw_inode, inode_size):
+        raw[_I_CHECKSUM_HI_OFF : _I_CHECKSUM_HI_OFF + 2] = b"\0\0"
+    return ext4_chksum(inode_seed, raw)
 
 
 def verify_inode(raw_inode: bytes, inode_size: int, inode_seed: int) -> bool:

@@ -130,3 +130,23 @@ def check_group_desc(sb: Superblock, group: int, gd: GroupDesc) -> None:
         raise CorruptionError(
             f"group {group}: inode table at block {gd.bg_inode_table} is outside the filesystem"
         )
+
+
+def inode_table_readahead(sb: Superblock, gd: GroupDesc, ino: int, ra_blks: int) -> range:
+    """Inode-table blocks to read ahead with ``ino``'s block (__ext4_get_inode_loc).
+
+    The window is the ``ra_blks``-aligned run of table blocks holding the inode (``ra_blks``
+    is a power of two, the kernel's inode_readahead_blks), cut at the last block in use: with
+    group descriptor checksums, ``bg_itable_unused`` says how many trailing inodes were never
+    used. The kernel's loop is inclusive of its end block; so is this range.
+    """
+    ipb = sb.block_size // sb.s_inode_size
+    table = gd.bg_inode_table
+    block = table + ((ino - 1) % sb.s_inodes_per_group) // ipb
+    b = max(block & ~(ra_blks - 1), table)
+    end = b + ra_blks
+    num = sb.s_inodes_per_group
+    if sb.has_metadata_csum or sb.has_ro_compat(F.RO_COMPAT_GDT_CSUM):
+        num -= min(gd.bg_itable_unused, num)
+    end = min(end, table + num // ipb, table + sb.inode_table_blocks - 1)
+    return range(b, max(b, end + 1))

@@ -9,6 +9,7 @@ ext4_getattr, ext4_file_getattr) does: 32-bit ids, extra-epoch timestamps with n
 from __future__ import annotations
 
 import stat
+import struct
 from dataclasses import dataclass
 
 from asyncfs.errors import CorruptionError
@@ -112,11 +113,6 @@ def _s32(b: bytes, off: int) -> int:
     return int.from_bytes(b[off : off + 4], "little", signed=True)
 
 
-def _fits(extra_isize: int, off: int, size: int) -> bool:
-    """EXT4_FITS_IN_INODE: the field lies within the inode's used extra space."""
-    return GOOD_OLD_INODE_SIZE + extra_isize >= off + size
-
-
 def decode_time_ns(base: int, extra: int | None) -> int:
     """Seconds (signed 32-bit) plus epoch bits and nanoseconds from ``*_extra``, in ns."""
     sec = base
@@ -128,61 +124,78 @@ def decode_time_ns(base: int, extra: int | None) -> int:
     return sec * 1_000_000_000 + nsec
 
 
+# the 128-byte base inode in one unpack (struct ext4_inode up to l_i_reserved): parsing is on
+# the path of every readdirplus entry, and field-by-field reads cost most of its time
+_BASE = struct.Struct("<HHIiiiIHHII4x60sIII4xHHHH4x")
+# the extra fields (i_extra_isize .. i_crtime_extra), when the inode is large enough for all
+_EXTRA = struct.Struct("<HHIIIiI")
+_EXTRA_END = _OFF_CRTIME_EXTRA + 4
+
+
 def parse_inode(raw: bytes, ino: int, sb: Superblock) -> Inode:
     """Decode inode ``ino`` from its ``sb.s_inode_size`` raw bytes."""
     isz = sb.s_inode_size
     if len(raw) < isz or isz < GOOD_OLD_INODE_SIZE:
         raise CorruptionError(f"inode {ino}: truncated")
     b = bytes(raw[:isz])
+    (mode, uid_lo, size, atime, ctime, mtime, dtime, gid_lo, links, blocks_lo, flags, i_block,
+     generation, file_acl, size_hi, blocks_hi, acl_hi, uid_hi, gid_hi) = _BASE.unpack_from(b)
+    ctime_x = mtime_x = atime_x = crtime_x = None
+    crtime = None
     if isz > GOOD_OLD_INODE_SIZE:
-        extra_isize = _u16(b, _OFF_EXTRA_ISIZE)
+        if isz >= _EXTRA_END:
+            extra_isize, _, c_x, m_x, a_x, cr, cr_x = _EXTRA.unpack_from(b, _OFF_EXTRA_ISIZE)
+        else:
+            extra_isize = _u16(b, _OFF_EXTRA_ISIZE)
         if GOOD_OLD_INODE_SIZE + extra_isize > isz or extra_isize & 3:
             raise CorruptionError(
                 f"inode {ino}: bad extra_isize ({extra_isize}, inode size {isz})"
             )
+        # EXT4_FITS_IN_INODE: a field counts only within the used extra space (which the
+        # check above keeps inside the inode, so the short-inode reads below are in bounds)
+        used = GOOD_OLD_INODE_SIZE + extra_isize
+        if isz >= _EXTRA_END:
+            ctime_x = c_x if used >= _OFF_CTIME_EXTRA + 4 else None
+            mtime_x = m_x if used >= _OFF_MTIME_EXTRA + 4 else None
+            atime_x = a_x if used >= _OFF_ATIME_EXTRA + 4 else None
+            crtime = cr if used >= _OFF_CRTIME + 4 else None
+            crtime_x = cr_x if used >= _OFF_CRTIME_EXTRA + 4 else None
+        else:
+            ctime_x = _u32(b, _OFF_CTIME_EXTRA) if used >= _OFF_CTIME_EXTRA + 4 else None
+            mtime_x = _u32(b, _OFF_MTIME_EXTRA) if used >= _OFF_MTIME_EXTRA + 4 else None
+            atime_x = _u32(b, _OFF_ATIME_EXTRA) if used >= _OFF_ATIME_EXTRA + 4 else None
+            crtime = _s32(b, _OFF_CRTIME) if used >= _OFF_CRTIME + 4 else None
+            crtime_x = _u32(b, _OFF_CRTIME_EXTRA) if used >= _OFF_CRTIME_EXTRA + 4 else None
     else:
         extra_isize = 0
-    mode = _u16(b, 0x0)
-    uid = _u16(b, 0x2) | (_u16(b, 0x78) << 16)
-    gid = _u16(b, 0x18) | (_u16(b, 0x7A) << 16)
-    size = _u32(b, 0x4)
     if sb.has_incompat(F.INCOMPAT_LARGEDIR) or stat.S_ISREG(mode):
-        size |= _u32(b, 0x6C) << 32
-    flags = _u32(b, 0x20)
+        size |= size_hi << 32
     if sb.has_ro_compat(F.RO_COMPAT_HUGE_FILE):
-        blocks = _u32(b, 0x1C) | (_u16(b, 0x74) << 32)
+        blocks = blocks_lo | (blocks_hi << 32)
         if flags & EXT4_HUGE_FILE_FL:
             blocks <<= sb.s_log_block_size + 1
     else:
-        blocks = _u32(b, 0x1C)
-    file_acl = _u32(b, 0x68)
+        blocks = blocks_lo
     if sb.has_incompat(F.INCOMPAT_64BIT):
-        file_acl |= _u16(b, 0x76) << 32
-
-    def extra(off: int) -> int | None:
-        return _u32(b, off) if _fits(extra_isize, off, 4) else None
-
-    crtime_ns = 0
-    if _fits(extra_isize, _OFF_CRTIME, 4):
-        crtime_ns = decode_time_ns(_s32(b, _OFF_CRTIME), extra(_OFF_CRTIME_EXTRA))
+        file_acl |= acl_hi << 32
     return Inode(
         ino=ino,
         i_mode=mode,
-        i_uid=uid,
-        i_gid=gid,
+        i_uid=uid_lo | (uid_hi << 16),
+        i_gid=gid_lo | (gid_hi << 16),
         i_size=size,
-        i_links_count=_u16(b, 0x1A),
+        i_links_count=links,
         i_blocks=blocks,
         i_flags=flags,
-        i_block=b[I_BLOCK_OFF : I_BLOCK_OFF + I_BLOCK_SIZE],
-        i_generation=_u32(b, 0x64),
+        i_block=i_block,
+        i_generation=generation,
         i_file_acl=file_acl,
         i_extra_isize=extra_isize,
-        i_dtime=_u32(b, 0x14),
-        atime_ns=decode_time_ns(_s32(b, 0x8), extra(_OFF_ATIME_EXTRA)),
-        mtime_ns=decode_time_ns(_s32(b, 0x10), extra(_OFF_MTIME_EXTRA)),
-        ctime_ns=decode_time_ns(_s32(b, 0xC), extra(_OFF_CTIME_EXTRA)),
-        crtime_ns=crtime_ns,
+        i_dtime=dtime,
+        atime_ns=decode_time_ns(atime, atime_x),
+        mtime_ns=decode_time_ns(mtime, mtime_x),
+        ctime_ns=decode_time_ns(ctime, ctime_x),
+        crtime_ns=0 if crtime is None else decode_time_ns(crtime, crtime_x),
         raw=b,
     )
 

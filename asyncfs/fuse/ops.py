@@ -12,7 +12,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -26,6 +26,12 @@ log = logging.getLogger("asyncfs.fuse")
 # The image never changes while mounted, so the kernel may cache names and attributes for as
 # long as it likes; a day keeps `find` and `stat` off the FUSE channel on every repeat.
 CACHE_TIMEOUT = 86400.0
+
+# Files up to this size have their bytes stored into the kernel's page cache while their OPEN
+# is answered (FUSE_NOTIFY_STORE), so reading them needs no READ round trip: one READ reply's
+# worth (the kernel's max_read window, 128 KiB).
+PUSH_MAX = 128 * 1024
+_PUSHED_MAX = 16384  # inodes already stored (the kernel keeps them: keep_cache), bounded
 
 T = TypeVar("T")
 
@@ -122,12 +128,19 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, volume: VolumeLike, *, direct_io: bool = False) -> None:
+    def __init__(
+        self, volume: VolumeLike, *, direct_io: bool = False, push_small_files: bool = True
+    ) -> None:
         super().__init__()
         self.volume = volume
         self.direct_io = direct_io
+        self.push_small_files = push_small_files and not direct_io
         self._root = volume.root_ino
         self._handles: dict[int, Any] = {}
+        self._fh_ino: dict[int, int] = {}
+        self._open_count: dict[int, int] = {}  # inode -> handles open on it
+        self._pushed: OrderedDict[int, None] = OrderedDict()
+        self.pushed_files = 0
         self._next_fh = 1
         self.requests_failed = 0
         # set once the kernel's FUSE_INIT has been answered: connection tunables written
@@ -232,9 +245,19 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(errno.EROFS)
         ino = self._ino(inode)
         handle = await self._call("open", lambda: self.volume.open(ino))
+        if (
+            self.push_small_files
+            and not flags & os.O_DIRECT
+            and ino not in self._open_count
+            and ino not in self._pushed
+            and self.initialized.is_set()
+        ):
+            await self._push(inode, ino, handle)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
+        self._fh_ino[fh] = ino
+        self._open_count[ino] = self._open_count.get(ino, 0) + 1
         # keep_cache: the image cannot change under us, so the kernel's copy stays valid.
         return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=not self.direct_io)
 
@@ -243,29 +266,67 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
 
-        async def go() -> bytes | memoryview:
-            # pyfuse3 pads a short reply with zeros up to the request size, so anything short
-            # of `size` must be EOF: keep asking until the volume says there is no more.
-            first = await self.volume.read(handle, off, size)
-            if len(first) >= size or len(first) == 0:
-                return first
-            parts = [first]
-            got = len(first)
-            while got < size:
-                more = await self.volume.read(handle, off + got, size - got)
-                if not more:
-                    break
-                parts.append(more)
-                got += len(more)
-            return b"".join(parts)
+        return await self._call("read", lambda: self._read_full(handle, off, size))
 
-        return await self._call("read", go)
+    async def _read_full(self, handle: Any, off: int, size: int) -> bytes | memoryview:
+        # pyfuse3 pads a short reply with zeros up to the request size, so anything short
+        # of `size` must be EOF: keep asking until the volume says there is no more.
+        first = await self.volume.read(handle, off, size)
+        if len(first) >= size or len(first) == 0:
+            return first
+        parts = [first]
+        got = len(first)
+        while got < size:
+            more = await self.volume.read(handle, off + got, size - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    async def _push(self, fuse_ino: int, ino: int, handle: Any) -> None:
+        """Store a small file's bytes in the kernel's page cache before OPEN is answered.
+
+        Only when no other handle of the inode is open: then no READ of it can be queued or
+        running, so no page of it is locked waiting on this daemon, and ``notify_store`` (a
+        write to /dev/fuse on this thread) cannot block on one (a READ is only sent through an
+        open file, and RELEASE only comes after its READs). The store covers exactly
+        ``[0, i_size)``: it never extends the kernel's size, and the kernel zeroes the tail
+        page beyond EOF. A hint: any failure leaves the READ path to serve (and report).
+        """
+        try:
+            size = (await self.volume.getattr(ino)).size
+            if not 0 < size <= PUSH_MAX:
+                return
+            data = await self._read_full(handle, 0, size)
+            if len(data) != size:
+                return  # short (a damaged map): let READ serve what there is
+            # any contiguous buffer will do (PyObject_GetBuffer): no copy of a memoryview
+            pyfuse3.notify_store(fuse_ino, 0, cast(bytes, data))
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the file is still opened; READ reports real errors
+            _log_once(logging.DEBUG, f"notify_store of inode {ino} skipped: {exc}")
+            return
+        self.pushed_files += 1
+        self._pushed[ino] = None
+        if len(self._pushed) > _PUSHED_MAX:
+            self._pushed.popitem(last=False)
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
+        ino = self._fh_ino.pop(fh, None)
+        if ino is not None:
+            left = self._open_count.get(ino, 0) - 1
+            if left > 0:
+                self._open_count[ino] = left
+            else:
+                self._open_count.pop(ino, None)
 
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing to write back. ENOSYS (not success) makes the kernel set fc->no_flush and
+        # stop sending FLUSH on every close(2): one request less per file a `cat` reads.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # --- xattrs and the rest --------------------------------------------------------------
 
@@ -306,3 +367,4 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
     write = create = setxattr = removexattr = _erofs
+

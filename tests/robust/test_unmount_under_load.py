@@ -147,7 +147,7 @@ def test_sigkilled_parked_readers_leave_mount_serving(fuzz_ext4: Path, fuzz_tree
     Broken variant: ``Waiter.park`` whose abort function leaves the entry queued (a killed
     reader's wait entry is never dequeued): parked_now stays above 0."""
     mnt = tmp_path / "mnt"
-    with foreground_mount(fuzz_ext4, mnt, "faults", "direct_io") as proc:
+    with foreground_mount(fuzz_ext4, mnt, "faults", "direct_io", "readahead=0") as proc:
         target = mnt / "files" / "big"
         cached = (mnt / "files" / "f70000").read_bytes()  # in the daemon's cache from now on
         request(str(mnt), {"op": "fault", "action": "stall"})

@@ -4,6 +4,7 @@ looped to the full length or EOF (invariant 8's FUSE half)."""
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
 
 import pyfuse3
@@ -11,7 +12,7 @@ import pytest
 
 from asyncfs import errors
 from asyncfs.fuse.errnos import errno_for
-from asyncfs.fuse.ops import AsyncfsOperations
+from asyncfs.fuse.ops import PUSH_MAX, AsyncfsOperations
 from asyncfs.types import Attr, DirEntry, StatFs
 
 ROOT = 2
@@ -158,7 +159,102 @@ async def test_root_reports_ext4_inode_number() -> None:
     assert (await ops.lookup(pyfuse3.ROOT_INODE, b"..")).st_ino == pyfuse3.ROOT_INODE
 
 
+async def test_flush_answers_enosys_so_the_kernel_stops_sending_it() -> None:
+    """close(2) of a file sends FLUSH and waits for it until the daemon answers ENOSYS once
+    (fc->no_flush); a read-only mount has nothing to flush, so it always answers ENOSYS.
+
+    Broken variant: ``flush`` returning None (success: a FLUSH round trip on every close)."""
+    ops = AsyncfsOperations(FakeVolume())
+    fi = await ops.open(12, 0, None)
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        await ops.flush(fi.fh)
+    assert ei.value.errno == errno.ENOSYS
+    await ops.release(fi.fh)
+
+
 def test_errno_table_prefers_subclasses() -> None:
     assert errno_for(errors.ChecksumError("x")) == errno.EIO
     assert errno_for(errors.NoEntryError("x")) == errno.ENOENT
     assert errno_for(ValueError()) == errno.EIO
+
+
+def _record_stores(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bytes]]:
+    """pyfuse3.notify_store needs a live FUSE session; record the calls instead (the mount
+    test test_small_file_is_in_the_page_cache_after_open checks the kernel's side)."""
+    stores: list[tuple[int, int, bytes]] = []
+
+    def store(inode: int, offset: int, data: bytes) -> None:
+        stores.append((inode, offset, bytes(data)))
+
+    monkeypatch.setattr(pyfuse3, "notify_store", store)
+    return stores
+
+
+async def test_small_file_is_pushed_whole_once_and_not_while_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Broken variants: no open-handle check (the second open, while the first handle is
+    open and a READ of it could hold page locks, stores again); one volume.read instead of
+    reading to EOF (the chunked volume gives a short piece: nothing stored); no ``_pushed``
+    memory (the reopen stores again)."""
+    stores = _record_stores(monkeypatch)
+    data = bytes(range(256)) * 40
+    ops = AsyncfsOperations(FakeVolume(data, chunk=1000))
+    fi0 = await ops.open(12, os.O_RDONLY, None)
+    assert stores == []  # before FUSE_INIT there is no session to store into
+    ops.init()
+    fi1 = await ops.open(12, os.O_RDONLY, None)
+    assert stores == []  # fi0 is open: a READ through it may be holding page locks
+    await ops.release(fi0.fh)
+    await ops.release(fi1.fh)
+    fi1 = await ops.open(12, os.O_RDONLY, None)
+    assert stores == [(12, 0, data)]
+    fi2 = await ops.open(12, os.O_RDONLY, None)
+    assert len(stores) == 1
+    await ops.release(fi1.fh)
+    await ops.release(fi2.fh)
+    fi3 = await ops.open(12, os.O_RDONLY, None)
+    assert len(stores) == 1 and ops.pushed_files == 1
+    assert bytes(await ops.read(fi3.fh, 0, len(data) + 10)) == data  # READ still serves
+
+
+async def test_push_is_skipped_where_it_cannot_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large files, O_DIRECT opens, -o direct_io and empty files are never stored; a failed
+    store or a failing read leaves the open working and the error to READ.
+
+    Broken variant: no size check (the PUSH_MAX + 1 byte file is stored)."""
+    stores = _record_stores(monkeypatch)
+    big = AsyncfsOperations(FakeVolume(b"x" * (PUSH_MAX + 1)))
+    big.init()
+    await big.open(12, os.O_RDONLY, None)
+    direct = AsyncfsOperations(FakeVolume(b"abc"))
+    direct.init()
+    await direct.open(12, os.O_RDONLY | os.O_DIRECT, None)
+    dio = AsyncfsOperations(FakeVolume(b"abc"), direct_io=True)
+    dio.init()
+    await dio.open(12, os.O_RDONLY, None)
+    empty = AsyncfsOperations(FakeVolume(b""))
+    empty.init()
+    await empty.open(12, os.O_RDONLY, None)
+    assert stores == []
+
+    def refuse(inode: int, offset: int, data: bytes) -> None:
+        raise OSError(errno.ENOENT, "no such inode in the kernel")
+
+    monkeypatch.setattr(pyfuse3, "notify_store", refuse)
+    ops = AsyncfsOperations(FakeVolume(b"abc"))
+    ops.init()
+    fi = await ops.open(12, os.O_RDONLY, None)
+    assert ops.pushed_files == 0
+    assert bytes(await ops.read(fi.fh, 0, 10)) == b"abc"
+
+    class BadRead(FakeVolume):
+        async def read(self, handle: Any, off: int, size: int) -> bytes:
+            raise errors.DeviceIOError("bad sector")
+
+    bad = AsyncfsOperations(BadRead(b"abc"))
+    bad.init()
+    fi = await bad.open(12, os.O_RDONLY, None)  # the open works ...
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        await bad.read(fi.fh, 0, 3)  # ... and the reader gets the EIO
+    assert ei.value.errno == errno.EIO
