@@ -214,6 +214,8 @@ class UringDevice(FileDeviceBase):
         """Submit what this scheduler pass prepared and (if ``reap``) hand ready completions to
         their readers; the number of CQEs reaped. Never raises: trio drops an instrument whose
         hook raises."""
+        if not self._ops:  # nothing submitted or in flight: no CQE can be waiting
+            return 0
         try:
             self._flush()
             if not reap:
