@@ -8,13 +8,13 @@ the filesystem each holds; ``FaultyDevice`` injects latency, EIO and stalls for 
 from asyncfs.io.device import BlockDevice
 from asyncfs.io.faulty import FaultyDevice, parse_latency
 from asyncfs.io.image import ImageInfo, PartitionInfo, describe_image
-from asyncfs.io.open import DEFAULT_DIRECT, open_image
+from asyncfs.io.open import DIRECT_MIN, open_image
 from asyncfs.io.partition import Partition, PartitionTable, parse_partition_table
 from asyncfs.io.threads import ThreadDevice
 from asyncfs.io.uring import UringDevice
 
 __all__ = [
-    "DEFAULT_DIRECT",
+    "DIRECT_MIN",
     "BlockDevice",
     "FaultyDevice",
     "ImageInfo",

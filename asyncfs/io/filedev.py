@@ -4,6 +4,11 @@ O_DIRECT alignment arithmetic and the ``RWF_NOWAIT`` probe.
 A backend serves the byte window ``[base, base + size)`` of the image file as device offsets
 ``[0, size)``; with O_DIRECT it widens each read to 4 KiB-aligned file offsets and copies the
 asked-for bytes out, so partitions at any byte offset (MBR sector 63) work.
+
+The default is *hybrid*: two descriptors of the same image, a buffered one for small reads
+(the host page cache then serves as a second-level cache that the ``RWF_NOWAIT`` probe reads
+without I/O) and an O_DIRECT twin for reads of ``direct_min`` bytes or more (readahead
+windows: streams are not cached a second and third time, nor copied twice).
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ class FileDeviceBase:
 
     backend_name = "file"
 
-    def __init__(self, fd: int, *, base: int, size: int, direct: bool, path: str) -> None:
+    def __init__(
+        self, fd: int, *, base: int, size: int, direct: bool, path: str, direct_fd: int = -1,
+        direct_min: int = 0,
+    ) -> None:
         self._fd = fd
         self._base = base
         self._size = size
-        self.direct = direct
+        self.direct = direct  # how ``fd`` was opened
         self.path = path
+        self._dfd = direct_fd  # hybrid: the O_DIRECT twin of a buffered ``fd``, else -1
+        self._direct_min = direct_min
         self._pool = AlignedPool()
         self._probe = bytearray()
         self._closed = False
@@ -43,6 +53,16 @@ class FileDeviceBase:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def hybrid(self) -> bool:
+        return self._dfd >= 0
+
+    def _route(self, length: int) -> tuple[int, bool]:
+        """The descriptor a read of ``length`` bytes goes through, and whether it is O_DIRECT."""
+        if self._dfd >= 0 and length >= self._direct_min:
+            return self._dfd, True
+        return self._fd, self.direct
+
     def _check(self, offset: int, length: int) -> None:
         if self._closed:
             raise DeviceIOError(f"read of {length} bytes at {offset}: device {self.path} is closed")
@@ -52,10 +72,10 @@ class FileDeviceBase:
                 f" ({self._size} bytes)"
             )
 
-    def _span(self, offset: int, length: int) -> tuple[int, int, int]:
+    def _span(self, offset: int, length: int, direct: bool) -> tuple[int, int, int]:
         """(file offset to read at, bytes to read, where the wanted bytes start in the buffer)."""
         pos = self._base + offset
-        if not self.direct:
+        if not direct:
             return pos, length, 0
         start = align_down(pos)
         return start, align_up(pos + length) - start, pos - start
@@ -64,8 +84,8 @@ class FileDeviceBase:
         return DeviceIOError(f"read of {length} bytes at {offset} of {self.path} failed: {why}")
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """The bytes if the host page cache holds them all (buffered mode only), else None."""
-        if self.direct or self._closed or length <= 0:
+        """The bytes if the host page cache holds them all (buffered reads only), else None."""
+        if self._route(length)[1] or self._closed or length <= 0:
             return None
         if offset < 0 or offset + length > self._size:
             return None
@@ -85,3 +105,6 @@ class FileDeviceBase:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1

@@ -23,17 +23,20 @@ class ThreadDevice(FileDeviceBase):
     backend_name = "threads"
 
     def __init__(
-        self, fd: int, *, base: int, size: int, direct: bool, path: str, threads: int = 16
+        self, fd: int, *, base: int, size: int, direct: bool, path: str, threads: int = 16,
+        direct_fd: int = -1, direct_min: int = 0,
     ) -> None:
-        super().__init__(fd, base=base, size=size, direct=direct, path=path)
+        super().__init__(fd, base=base, size=size, direct=direct, path=path,
+                         direct_fd=direct_fd, direct_min=direct_min)
         self._limiter = trio.CapacityLimiter(max(1, threads))
 
-    def _pread_full(self, buf: Buffer, pos: int, want: int, need: int) -> int:
+    @staticmethod
+    def _pread_full(fd: int, buf: Buffer, pos: int, want: int, need: int) -> int:
         """Runs in a worker: read until ``need`` bytes are in (short only at end of file)."""
         view = buf.view
         done = 0
         while done < need:
-            got = os.preadv(self._fd, [view[done:want]], pos + done)
+            got = os.preadv(fd, [view[done:want]], pos + done)
             if got == 0:
                 break
             done += got
@@ -44,16 +47,17 @@ class ThreadDevice(FileDeviceBase):
         if length == 0:
             await trio.lowlevel.checkpoint()
             return b""
-        if not self.direct:
+        fd, direct = self._route(length)
+        if not direct:
             hit = self.read_nowait(offset, length)
             if hit is not None:
                 await trio.lowlevel.checkpoint()
                 return hit
-        pos, want, lo = self._span(offset, length)
+        pos, want, lo = self._span(offset, length, direct)
         buf = self._pool.get(want)
         try:
             done = await trio.to_thread.run_sync(
-                self._pread_full, buf, pos, want, lo + length,
+                self._pread_full, fd, buf, pos, want, lo + length,
                 limiter=self._limiter, abandon_on_cancel=True,
             )
         except OSError as err:

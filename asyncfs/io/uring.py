@@ -46,14 +46,16 @@ class _Op:
     """One device read: the file span it covers and how much of it has arrived."""
 
     __slots__ = (
-        "buf", "callback", "done", "iov", "length", "lo", "need", "offset", "pos", "task", "want",
+        "buf", "callback", "done", "fd", "iov", "length", "lo", "need", "offset", "pos", "task",
+        "want",
     )
 
     def __init__(
-        self, task: trio.lowlevel.Task | None, buf: Buffer, pos: int, want: int, lo: int,
-        offset: int, length: int,
+        self, task: trio.lowlevel.Task | None, fd: int, buf: Buffer, pos: int, want: int,
+        lo: int, offset: int, length: int,
     ) -> None:
         self.task: trio.lowlevel.Task | None = task
+        self.fd = fd
         self.callback: ReadCallback | None = None
         self.buf = buf
         self.iov: Any = None
@@ -97,9 +99,11 @@ class UringDevice(FileDeviceBase):
     backend_name = "uring"
 
     def __init__(
-        self, fd: int, *, base: int, size: int, direct: bool, path: str, depth: int = 128
+        self, fd: int, *, base: int, size: int, direct: bool, path: str, depth: int = 128,
+        direct_fd: int = -1, direct_min: int = 0,
     ) -> None:
-        super().__init__(fd, base=base, size=size, direct=direct, path=path)
+        super().__init__(fd, base=base, size=size, direct=direct, path=path,
+                         direct_fd=direct_fd, direct_min=direct_min)
         self._depth = depth
         self._ring = lu.Ring()
         self._cqe = lu.Cqe()
@@ -120,9 +124,11 @@ class UringDevice(FileDeviceBase):
 
     @classmethod
     async def create(
-        cls, fd: int, *, base: int, size: int, direct: bool, path: str, depth: int = 128
+        cls, fd: int, *, base: int, size: int, direct: bool, path: str, depth: int = 128,
+        direct_fd: int = -1, direct_min: int = 0,
     ) -> UringDevice:
-        dev = cls(fd, base=base, size=size, direct=direct, path=path, depth=depth)
+        dev = cls(fd, base=base, size=size, direct=direct, path=path, depth=depth,
+                  direct_fd=direct_fd, direct_min=direct_min)
         trio.lowlevel.spawn_system_task(dev._reaper, name=f"asyncfs-uring-reaper:{path}")
         dev._instrument = _SubmitOnIdle(dev)
         trio.lowlevel.add_instrument(dev._instrument)
@@ -143,8 +149,9 @@ class UringDevice(FileDeviceBase):
             self._check(offset, length)
         if self._failed is not None:
             raise DeviceIOError(self._failed)
-        pos, want, lo = self._span(offset, length)
-        op = _Op(trio.lowlevel.current_task(), self._pool.get(want), pos, want, lo, offset,
+        fd, direct = self._route(length)
+        pos, want, lo = self._span(offset, length, direct)
+        op = _Op(trio.lowlevel.current_task(), fd, self._pool.get(want), pos, want, lo, offset,
                  length)
         op_id = self._next_id
         self._next_id = op_id + 1
@@ -167,8 +174,9 @@ class UringDevice(FileDeviceBase):
         self._check(offset, length)
         if length == 0 or len(self._ops) >= self._depth or self._failed is not None:
             return False
-        pos, want, lo = self._span(offset, length)
-        op = _Op(None, self._pool.get(want), pos, want, lo, offset, length)
+        fd, direct = self._route(length)
+        pos, want, lo = self._span(offset, length, direct)
+        op = _Op(None, fd, self._pool.get(want), pos, want, lo, offset, length)
         op.callback = callback
         op_id = self._next_id
         self._next_id = op_id + 1
@@ -199,7 +207,7 @@ class UringDevice(FileDeviceBase):
             if sqe is None:
                 raise OSError(errno.EBUSY, "submission queue full")
         op.iov = iov
-        lu.io_uring_prep_readv(sqe, self._fd, iov, op.pos + op.done)
+        lu.io_uring_prep_readv(sqe, op.fd, iov, op.pos + op.done)
         lu.io_uring_sqe_set_data64(sqe, op_id)
         self._unsubmitted += 1
 

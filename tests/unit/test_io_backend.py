@@ -17,11 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncfs.errors import DeviceIOError, ImageError
-from asyncfs.io import ThreadDevice, UringDevice, open_image
+from asyncfs.io import DIRECT_MIN, ThreadDevice, UringDevice, open_image
 
 IMAGE_SIZE = 3 * (1 << 20) + 777  # odd: the last O_DIRECT read is short
 WINDOW = (511, IMAGE_SIZE - 511 - 4099)  # a partition starting and ending off any alignment
-MODES = [("uring", True), ("uring", False), ("threads", True), ("threads", False)]
+MODES = [("uring", True), ("uring", False), ("uring", None),
+         ("threads", True), ("threads", False), ("threads", None)]  # None: the hybrid default
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_reads_equal_pread(
                                    offset=base if window else None,
                                    sizelimit=size if window else None)
             assert dev.size == size
-            assert isinstance(dev, UringDevice | ThreadDevice) and dev.direct is direct
+            assert isinstance(dev, UringDevice | ThreadDevice) and dev.direct is bool(direct)
+            assert dev.hybrid is (direct is None)
             got: dict[int, bytes] = {}
 
             async def one(i: int, off: int, length: int) -> None:
@@ -111,6 +113,46 @@ async def test_read_nowait(image: tuple[Path, bytes], backend: str) -> None:
     ddev = await open_image(path, backend=backend, direct=True)  # type: ignore[arg-type]
     assert ddev.read_nowait(8192, 4096) is None
     await ddev.aclose()
+
+
+def _host_caches(path: Path, off: int, length: int) -> bool:
+    """Whether the host page cache holds all of ``[off, off + length)`` of ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(length)], off, os.RWF_NOWAIT) == length
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("backend", ["uring", "threads"])
+async def test_hybrid_routes_large_reads_past_the_host_cache(tmp_path: Path,
+                                                            backend: str) -> None:
+    """The default device reads ``DIRECT_MIN`` bytes or more with O_DIRECT (the host cache
+    stays empty there, and the probe declines such ranges) and smaller reads through the host
+    cache (which then holds them, and the probe serves them). Broken variant: ``_route``
+    sending every read to the buffered descriptor (the large range lands in the host cache)."""
+    path = tmp_path / "img"
+    data = random.Random(5).randbytes(4 << 20)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    dev = await open_image(path, backend=backend)  # type: ignore[arg-type]
+    try:
+        assert dev.hybrid  # type: ignore[attr-defined]
+        big = (1 << 20, DIRECT_MIN * 2)
+        assert bytes(await dev.read(*big)) == data[big[0] : big[0] + big[1]]
+        assert not _host_caches(path, *big)
+        assert dev.read_nowait(*big) is None
+        small = (3 << 20, 8192)
+        assert bytes(await dev.read(*small)) == data[small[0] : small[0] + small[1]]
+        assert _host_caches(path, *small)
+        assert dev.read_nowait(*small) == data[small[0] : small[0] + small[1]]
+    finally:
+        await dev.aclose()
 
 
 @pytest.mark.parametrize(("backend", "direct"), MODES)
