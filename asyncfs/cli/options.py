@@ -38,6 +38,29 @@ def _parse_int(text: str, what: str, lo: int, hi: int) -> int:
     return value
 
 
+CACHE_MAX_DEFAULT = 1 << 30
+CACHE_MIN_DEFAULT = 64 << 20
+
+
+def default_cache_size(meminfo: str = "/proc/meminfo") -> int:
+    """The default ``cache_size``: a sixteenth of the machine's memory, between 64 MiB and
+    1 GiB (a second pass over a working set that fits is served from memory, as the kernel
+    serves it from its page cache; the daemon never takes a large share of a small machine).
+    256 MiB where the memory size cannot be read."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+            else:
+                return 256 << 20
+    except (OSError, ValueError, IndexError):
+        return 256 << 20
+    share = (total // 16) & ~((1 << 20) - 1)  # whole MiB
+    return max(CACHE_MIN_DEFAULT, min(CACHE_MAX_DEFAULT, share))
+
+
 @dataclass
 class MountOptions:
     """Everything ``-o`` can set; defaults are the measured ones documented in docs/usage.md."""
@@ -45,7 +68,7 @@ class MountOptions:
     partition: int | None = None
     offset: int | None = None
     sizelimit: int | None = None
-    cache_size: int = 256 * 2**20
+    cache_size: int = field(default_factory=default_cache_size)
     direct_io: bool = False
     wait: Literal["async", "threads"] = "async"
     threads: int = 16

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from asyncfs.cli.options import parse_options, parse_size
+from asyncfs.cli.options import default_cache_size, parse_options, parse_size
 from asyncfs.errors import UsageError
 
 
@@ -55,3 +57,24 @@ def test_bad_options_are_one_line_errors(opt: str, message: str) -> None:
     text = str(ei.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(("mem_kib", "expect_mib"), [
+    (24 * 2**20, 1024),  # a sixteenth would be 1.5 GiB: capped
+    (4 * 2**20, 256),
+    (3 * 2**20 + 12345, 192),  # rounded down to whole MiB
+    (512 * 2**10, 64),  # a sixteenth would be 32 MiB: the floor
+])
+def test_default_cache_size_follows_memory(tmp_path: Path, mem_kib: int, expect_mib: int) -> None:
+    """A sixteenth of MemTotal, between 64 MiB and 1 GiB. Broken variant: no 1 GiB cap (a big
+    machine would give the daemon 1.5 GiB)."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemFree:  1000 kB\nMemTotal:  {mem_kib} kB\n")
+    assert default_cache_size(str(meminfo)) == expect_mib << 20
+
+
+def test_default_cache_size_without_meminfo(tmp_path: Path) -> None:
+    assert default_cache_size(str(tmp_path / "missing")) == 256 << 20
+    (tmp_path / "odd").write_text("nothing useful\n")
+    assert default_cache_size(str(tmp_path / "odd")) == 256 << 20
+    assert parse_options(["cache_size=64M"]).cache_size == 64 << 20  # an explicit size wins
