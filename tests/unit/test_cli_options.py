@@ -60,13 +60,13 @@ def test_bad_options_are_one_line_errors(opt: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(("mem_kib", "expect_mib"), [
-    (24 * 2**20, 1024),  # a sixteenth would be 1.5 GiB: capped
+    (24 * 2**20, 256),  # a sixteenth would be 1.5 GiB: capped
     (4 * 2**20, 256),
     (3 * 2**20 + 12345, 192),  # rounded down to whole MiB
     (512 * 2**10, 64),  # a sixteenth would be 32 MiB: the floor
 ])
 def test_default_cache_size_follows_memory(tmp_path: Path, mem_kib: int, expect_mib: int) -> None:
-    """A sixteenth of MemTotal, between 64 MiB and 1 GiB. Broken variant: no 1 GiB cap (a big
+    """A sixteenth of MemTotal, between 64 MiB and 256 MiB. Broken variant: no cap (a big
     machine would give the daemon 1.5 GiB)."""
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(f"MemFree:  1000 kB\nMemTotal:  {mem_kib} kB\n")
