@@ -83,13 +83,18 @@ async def test_callback_reads_return_the_file(image: tuple[Path, bytes], direct:
         await dev.aclose()
 
 
+@pytest.mark.parametrize("variant", ["kernel", "broken"])
 async def test_failed_coalesced_callback_read_fails_only_bad_pages(
-    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, variant: str
 ) -> None:
     """The image shrinks under the device: a coalesced read across the new end fails, is
     retried page by page, and only the pages past the end get ERROR; the reader of a good page
-    in the same run gets its bytes. Broken variant: ``_read_done`` completing every page of a
-    failed read with the error instead of retrying them one by one."""
+    in the same run gets its bytes. Broken variant (run here as ``broken``, where the good
+    pages must come out failed): ``_read_done`` completing every page of a failed read with
+    the error instead of retrying them one by one."""
+    if variant == "broken":
+        monkeypatch.setattr(PageCache, "_read_done", mutant(
+            PageCache, "_read_done", "if buf is None and len(pages) > 1", "if False"))
     path, data = image
     dev, started = await _open(path, direct=True)
     cache = PageCache(dev, cache_bytes=SIZE)
@@ -101,36 +106,18 @@ async def test_failed_coalesced_callback_read_fails_only_bad_pages(
         with trio.fail_after(5):  # the per-page retries of the later pages finish on their own
             while cache.inflight_io:
                 await trio.sleep(0.001)
-        for idx in range(32, 40):
-            p = cache.lookup(idx)
-            assert p is not None and p.flags & PG_UPTODATE, idx
+        good = [cache.lookup(idx) for idx in range(32, 40)]
+        if variant == "broken":
+            assert all(p is not None and p.flags & PG_ERROR and not p.flags & PG_UPTODATE
+                       for p in good)
+            return
+        assert all(p is not None and p.flags & PG_UPTODATE for p in good)
         for idx in range(40, 48):
             p = cache.lookup(idx)
             assert p is not None and p.flags & PG_ERROR and not p.flags & PG_LOCKED, idx
         assert await cache.read_dev(36 * PAGE_SIZE, PAGE_SIZE) == data[
             36 * PAGE_SIZE : 37 * PAGE_SIZE]
         assert cache.inflight_io == 0
-    finally:
-        await cache.aclose()
-        await dev.aclose()
-
-
-async def test_failed_coalesced_callback_read_broken_variant(
-    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The broken variant named above really fails the check: without the retry, good pages
-    of the failed run are left in ERROR."""
-    path, _ = image
-    monkeypatch.setattr(PageCache, "_read_done", mutant(
-        PageCache, "_read_done", "if buf is None and len(pages) > 1", "if False"))
-    dev, _started = await _open(path, direct=True)
-    cache = PageCache(dev, cache_bytes=SIZE)
-    try:
-        os.truncate(path, 40 * PAGE_SIZE)
-        with pytest.raises(DeviceIOError):
-            await cache.read_dev(32 * PAGE_SIZE, 16 * PAGE_SIZE)
-        p = cache.lookup(32)
-        assert p is not None and p.flags & PG_ERROR and not p.flags & PG_UPTODATE
     finally:
         await cache.aclose()
         await dev.aclose()
