@@ -547,10 +547,35 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
             for t in targets:
                 r.session(t, [rand_cell("cold", jobs)], prime="rand")
 
+    def stream_rounds(group: Sequence[Target], cells: Callable[[], list[Cell]]) -> None:
+        """Streams are measured in two rounds, the second in reverse target order, and each
+        target keeps its better round. On this VM the first mount of a group pays for
+        touching freed memory again: the same daemon on the same stream ran at 464 MiB/s and
+        4.1 CPU-s in first place and 847 MiB/s and 2.3 CPU-s in second (wait=async and
+        wait=threads, which stream identically), so a fixed order charges one target every
+        time. The note of the kept cell gives the other round's figure."""
+        blocks: dict[str, list[list[Measurement]]] = {}
+        for order in (list(group), list(reversed(group))):
+            for t in order:
+                start = len(r.results.measurements)
+                r.session(t, cells(), prime="big")
+                blocks.setdefault(t.key, []).append(r.results.measurements[start:])
+        for rounds in blocks.values():
+            if len(rounds) != 2 or not rounds[0] or not rounds[1]:
+                continue
+            speed = [b[0].mib_s if b[0].error is None and b[0].mib_s else -1.0 for b in rounds]
+            keep, drop = (0, 1) if speed[0] >= speed[1] else (1, 0)
+            for m in rounds[drop]:
+                r.results.measurements.remove(m)
+            first = rounds[keep][0]
+            other = rounds[drop][0]
+            if other.error is None and other.mib_s is not None:
+                first.note = (f"best of 2 rounds (the other: {other.mib_s:.1f} MiB/s, "
+                              f"cpu {other.cpu_s or 0:.2f} s); {first.note}")
+
     if "seq1m" in run:
-        log("== sequential 1 MiB, cold then warm (one mount)")
-        for t in targets:
-            r.session(t, seq_cells(), prime="big")
+        log("== sequential 1 MiB, cold then warm (one mount), two rounds")
+        stream_rounds(targets, seq_cells)
 
     if "warm" in run:
         span = plan.warm_span or man.rand.size
@@ -583,15 +608,15 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
 
     if "memory" in run:
         span = plan.mem_span or man.big.size
-        log(f"== memory: stream {span // MIB} MiB of big.bin, cache_size=64M, daemon peak RSS")
+        log(f"== memory: stream {span // MIB} MiB of big.bin, cache_size=64M, daemon peak RSS, "
+            "two rounds")
         mem_targets: list[Target] = [
             asyncfs("asyncfs-async", "wait=async", "cache_size=64M"),
             asyncfs("asyncfs-threads", "wait=threads", "cache_size=64M"),
         ]
         if "fuse2fs" in chosen:
             mem_targets.append(main_targets["fuse2fs"])
-        for t in mem_targets:
-            r.session(t, [memory_cell(span)], prime="big")
+        stream_rounds(mem_targets, lambda: [memory_cell(span)])
 
 
 if __name__ == "__main__":
