@@ -1,7 +1,8 @@
 """Device readahead for the volume: inode-table blocks and the neighbourhood of small files.
 
-With the O_DIRECT backend nothing below asyncfs reads ahead, so a cold walk over many small
-files would cost one device round trip per inode-table block and one per file. The kernel's
+Nothing below asyncfs reads ahead (the image is read O_DIRECT, or buffered with the host's
+readahead off by POSIX_FADV_RANDOM), so a cold walk over many small files would cost one device
+round trip per inode-table block and one per file. The kernel's
 ext4 avoids the first with ``s_inode_readahead_blks`` (__ext4_get_inode_loc); a loop mount or
 fuse2fs avoid the second through the host page cache's readahead of the image file. Here:
 
