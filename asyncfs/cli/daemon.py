@@ -87,6 +87,8 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
                              pid=os.getpid(), version=__version__,
                              uptime_s=round(time.time() - started, 3),
                              requests_failed=ops.requests_failed,
+                             pushed_files=ops.pushed_files,
+                             device_readahead_windows=stack.volume.device_readahead.windows,
                              log=str(control.log_path(mountpoint)))
                     return s
 

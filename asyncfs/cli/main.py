@@ -141,7 +141,10 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
         f"waiters   {data.get('parked_now')} parked now, {data.get('parked_total')} in total, "
         f"{data.get('wakeups', 0)} wakeups",
         f"readahead {data.get('readahead_pages')} pages issued, "
-        f"{data.get('readahead_used', 0)} used",
+        f"{data.get('readahead_used', 0)} used; "
+        f"{data.get('device_readahead_windows', 0)} metadata/small-file windows",
+        f"kernel    {data.get('pushed_files', 0)} small files stored into the kernel's cache "
+        f"at open, {data.get('backend_nowait_reads', 0)} reads served by the host's cache",
         f"errors    {data.get('requests_failed', 0)} failed requests (log: {data.get('log')})",
     ]
     print("\n".join(lines))
