@@ -240,13 +240,23 @@ async def _cat(image: str, path: str, opts: MountOptions) -> int:
         if stat.S_ISDIR(attr.mode):
             raise UsageError(f"{path} is a directory")
         handle: Any = await vol.open(attr.ino)
-        out = sys.stdout.buffer
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
         off, chunk = 0, 1 << 20
         while True:
             data = await vol.read(handle, off, chunk)
             if not data:
                 break
-            out.write(data)
+            _write_all(fd, data)
             off += len(data)
-        out.flush()
     return 0
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte is out. A blocking write to a pipe returns short when the
+    io_uring completion work queued to this thread interrupts it (TIF_NOTIFY_SIGNAL: no signal
+    is delivered, the write just stops), and sys.stdout's buffered writer was seen to drop the
+    rest of such a write: `asyncfs cat IMG FILE | ...` lost 64 KiB-1 MiB pieces."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
