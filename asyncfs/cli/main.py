@@ -206,7 +206,13 @@ def _ls_line(name: bytes, a: Attr) -> str:
             f"{os.fsdecode(name)}")
 
 
+def _emit(line: str) -> None:
+    """One line of output, written like ``cat``'s data (see ``_write_all``)."""
+    _write_all(sys.stdout.fileno(), os.fsencode(line + "\n"))
+
+
 async def _ls(image: str, path: str, opts: MountOptions) -> int:
+    sys.stdout.flush()
     async with open_stack(image, opts) as stack:
         vol = stack.volume
         attr = await _resolve(vol, path, follow_last=path.endswith("/"))
@@ -214,7 +220,7 @@ async def _ls(image: str, path: str, opts: MountOptions) -> int:
             line = _ls_line(os.fsencode(path.rstrip("/").rsplit("/", 1)[-1]), attr)
             if stat.S_ISLNK(attr.mode):
                 line += " -> " + os.fsdecode(await vol.readlink(attr.ino))
-            print(line)
+            _emit(line)
             return 0
         off = 0
         while True:
@@ -229,7 +235,7 @@ async def _ls(image: str, path: str, opts: MountOptions) -> int:
                 line = _ls_line(ent.name, child)
                 if stat.S_ISLNK(child.mode):
                     line += " -> " + os.fsdecode(await vol.readlink(ent.ino))
-                print(line)
+                _emit(line)
     return 0
 
 
