@@ -8,8 +8,10 @@ wait table, reclaim, per-file readahead and the backend I/O tasks. It implements
 A read step copies the UPTODATE prefix of its range; at the first page that is not UPTODATE it
 creates the missing pages LOCKED, submits one coalesced backend read per contiguous run, and
 (unless it copied bytes, §4.8) parks on a wait entry until the page unlocks, then looks the
-page up again (§4.11). Backend reads run as trio system tasks, so a cancelled reader never
-cancels an I/O other readers wait on; completion sets UPTODATE or ERROR, unlocks and wakes.
+page up again (§4.11). No reader owns a backend read: it completes by callback from the ring
+(``submit_read``) or, on backends without one, in a trio system task, so a cancelled reader
+never cancels an I/O other readers wait on; completion sets UPTODATE or ERROR, unlocks and
+wakes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from asyncfs.pagecache.page import (
     PG_READAHEAD,
     PG_REFERENCED,
     PG_UPTODATE,
-    PG_WAITERS,
     Page,
 )
 from asyncfs.types import Run
@@ -528,6 +529,12 @@ class PageCache:
             self._shrink()
 
     # -- backend I/O --------------------------------------------------------------------
+    def _span(self, pages: list[Page]) -> tuple[int, int]:
+        """Device offset and length of the read of contiguous ``pages`` (the last page of
+        the device may be short)."""
+        off = pages[0].index << PAGE_SHIFT
+        return off, min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+
     def _submit(self, pages: list[Page]) -> None:
         """Start one backend read for contiguous LOCKED pages (a system task: a reader's
         cancellation must not cancel I/O that others wait on).
@@ -539,8 +546,7 @@ class PageCache:
         self.inflight_io += 1
         self.backend_reads += 1
         if not self._closed:
-            off = pages[0].index << PAGE_SHIFT
-            length = min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+            off, length = self._span(pages)
             got = self._dev.read_nowait(off, length)
             if got is not None and len(got) == length:
                 self.backend_nowait_reads += 1
@@ -564,8 +570,7 @@ class PageCache:
         pages = self._cb_reads.pop(key, None)
         if pages is None:
             return  # aclose already failed these pages
-        off = pages[0].index << PAGE_SHIFT
-        length = min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+        off, length = self._span(pages)
         why: str | None = str(err) if err is not None else None
         if buf is not None and len(buf) != length:
             why = f"short read: {len(buf)} of {length} bytes at {off}"
@@ -577,8 +582,7 @@ class PageCache:
         self._complete(pages, buf, why, off, length)
 
     async def _io_task(self, pages: list[Page]) -> None:
-        off = pages[0].index << PAGE_SHIFT
-        length = min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+        off, length = self._span(pages)
         done = False
         try:
             buf, err, eio = await self._read_range(off, length)
@@ -659,12 +663,8 @@ class PageCache:
                 for p in pages:
                     p.data = mv[pos : pos + PAGE_SIZE].tobytes()
                     pos += PAGE_SIZE
-                    flags = p.flags
-                    if flags & PG_WAITERS or not flags & PG_LOCKED:
-                        p.flags = (flags & ~PG_ERROR) | PG_UPTODATE
-                        wt.unlock_page(p)  # wakes; or raises for an unlocked page (a bug)
-                    else:  # unlock_page's fast path, inline: nobody waits on this one
-                        p.flags = (flags & ~(PG_ERROR | PG_LOCKED)) | PG_UPTODATE
+                    p.flags = (p.flags & ~PG_ERROR) | PG_UPTODATE
+                    wt.unlock_page(p)
         else:
             if err:
                 log.debug("device read at %d+%d failed: %s", off, length, err)

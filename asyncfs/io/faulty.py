@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Callable
 
 import trio
 
@@ -54,6 +55,8 @@ class FaultyDevice:
         seed: int | None = None,
     ) -> None:
         self.inner = inner
+        self._inner_submit: Callable[[int, int, ReadCallback], bool] | None = getattr(
+            inner, "submit_read", None)
         self.latency_ms = latency_ms
         self.latency_jitter_ms = latency_jitter_ms
         self._eio: list[tuple[int, int]] = list(eio_ranges or [])
@@ -116,7 +119,7 @@ class FaultyDevice:
     def submit_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
         """``CallbackReads.submit_read`` when the inner device has it; ``False`` (use ``read``)
         otherwise, while stalled, or while any EIO range is set."""
-        inner = getattr(self.inner, "submit_read", None)
+        inner = self._inner_submit
         if inner is None or self._closed or self.is_stalled or self._eio:
             return False
         delay = self.latency_ms
@@ -165,7 +168,7 @@ class FaultyDevice:
     def _start(self, offset: int, length: int, callback: ReadCallback) -> None:
         if self._closed:
             callback(None, DeviceIOError(f"read of {length} bytes at {offset}: device closed"))
-        elif not self.inner.submit_read(offset, length, callback):  # type: ignore[attr-defined]
+        elif self._inner_submit is None or not self._inner_submit(offset, length, callback):
             trio.lowlevel.spawn_system_task(self._read_for, offset, length, callback,
                                             name="asyncfs-fault-read")
 
