@@ -128,12 +128,19 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
     hits, misses = int(data.get("cache_hits", 0)), int(data.get("cache_misses", 0))
     ratio = hits / (hits + misses) if hits + misses else 0.0
     mib = 2**20
+    limit = int(data.get("cache_limit_bytes", 0))
+    ceiling = int(data.get("cache_max_bytes", limit))
+    grown = int(data.get("cache_grown_pages", 0))
+    grows = (
+        f" (grows to {ceiling / mib:.1f} on refaults; {grown} pages grown)"
+        if ceiling > limit or grown else ""
+    )
     lines = [
         f"asyncfs {data.get('version', '?')} pid {data.get('pid')}: {data.get('image')} on "
         f"{data.get('mountpoint')}, up {data.get('uptime_s', 0):.0f}s, "
         f"wait={data.get('wait_mode')}",
         f"cache     {int(data.get('cache_bytes', 0)) / mib:.1f} / "
-        f"{int(data.get('cache_limit_bytes', 0)) / mib:.1f} MiB in "
+        f"{limit / mib:.1f} MiB{grows} in "
         f"{data.get('pages_cached')} pages, {hits} hits / {misses} misses ({ratio:.1%}), "
         f"{data.get('evictions')} evictions",
         f"backend   {data.get('backend_reads')} reads, "
@@ -142,7 +149,8 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
         f"{data.get('wakeups', 0)} wakeups",
         f"readahead {data.get('readahead_pages')} pages issued, "
         f"{data.get('readahead_used', 0)} used; "
-        f"{data.get('device_readahead_windows', 0)} metadata/small-file windows",
+        f"{data.get('device_readahead_windows', 0)} metadata/small-file windows, "
+        f"{data.get('refault_around_pages', 0)} pages read back around refaults",
         f"kernel    {data.get('pushed_files', 0)} small files stored into the kernel's cache "
         f"at open, {data.get('backend_nowait_reads', 0)} reads served by the host's cache",
         f"errors    {data.get('requests_failed', 0)} failed requests (log: {data.get('log')})",

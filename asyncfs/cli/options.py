@@ -39,18 +39,22 @@ def _parse_int(text: str, what: str, lo: int, hi: int) -> int:
 
 
 # Measured (docs/benchmarks.md): a 1 GiB cache served random 4 KiB reads of a 1 GiB file on a
-# second pass at 25.5k IOPS against 8.1k with 256 MiB, but filling it costs every fresh mount
-# a first touch of that much memory (this VM: ~2.7 s per GiB), which halved a cold 2 GiB
-# stream (361-646 against 780-921 MiB/s with 64 MiB). The default keeps streams fast; set
-# ``cache_size`` higher for a working set that should stay in memory.
-CACHE_MAX_DEFAULT = 256 << 20
+# second pass at ~23-25k IOPS against ~8.7k with 256 MiB, but a cache that simply fills costs
+# every fresh mount a first touch of that much memory (this VM: ~2.7 s per GiB), which halved a
+# cold 2 GiB stream. So ``cache_size`` is a ceiling: the cache starts at CACHE_START and grows
+# past it only on refaults (a page read again soon after it was reclaimed: evidence that more
+# memory turns misses into hits, mm/workingset.c). A stream never refaults and stays at the
+# start; a re-read working set grows the cache up to the ceiling. The default ceiling is an
+# eighth of the machine's memory, between 64 MiB and 2 GiB.
+CACHE_START = 256 << 20
+CACHE_MAX_DEFAULT = 2 << 30
 CACHE_MIN_DEFAULT = 64 << 20
 
 
 def default_cache_size(meminfo: str = "/proc/meminfo") -> int:
-    """The default ``cache_size``: a sixteenth of the machine's memory, between 64 MiB and
-    256 MiB (the daemon never takes a large share of a small machine). 256 MiB where the
-    memory size cannot be read."""
+    """The default ``cache_size`` (the ceiling): an eighth of the machine's memory, between
+    64 MiB and 2 GiB (the daemon never takes a large share of a small machine). CACHE_START
+    where the memory size cannot be read (no room to grow without knowing the machine)."""
     try:
         with open(meminfo) as f:
             for line in f:
@@ -58,11 +62,17 @@ def default_cache_size(meminfo: str = "/proc/meminfo") -> int:
                     total = int(line.split()[1]) * 1024
                     break
             else:
-                return 256 << 20
+                return CACHE_START
     except (OSError, ValueError, IndexError):
-        return 256 << 20
-    share = (total // 16) & ~((1 << 20) - 1)  # whole MiB
+        return CACHE_START
+    share = (total // 8) & ~((1 << 20) - 1)  # whole MiB
     return max(CACHE_MIN_DEFAULT, min(CACHE_MAX_DEFAULT, share))
+
+
+def cache_start(cache_size: int) -> int:
+    """Where a cache with ceiling ``cache_size`` starts: CACHE_START, or the whole ceiling if
+    that is smaller (an explicit small ``cache_size`` is a fixed bound, as before)."""
+    return min(cache_size, CACHE_START)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from asyncfs.cli.options import MountOptions
+from asyncfs.cli.options import MountOptions, cache_start
 from asyncfs.engine.cache import PageCache
 from asyncfs.engine.volume import Volume
 from asyncfs.io import FaultyDevice, open_image
@@ -42,7 +42,8 @@ async def open_stack(image: str | os.PathLike[str], opts: MountOptions) -> Async
             device = faults
         cache = PageCache(
             device,
-            cache_bytes=opts.cache_size,
+            cache_bytes=cache_start(opts.cache_size),
+            cache_max_bytes=opts.cache_size,
             wait_mode=opts.wait,
             threads=opts.threads,
             readahead_max=opts.readahead,

@@ -28,6 +28,7 @@ from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
 from asyncfs.io.device import BlockDevice, ReadCallback
 from asyncfs.pagecache import FileReadahead, PageLRU, ReadaheadWindow, WaitTable
+from asyncfs.pagecache.lru import SHADOW_SHIFT
 from asyncfs.pagecache.page import (
     LRU_ACTIVE,
     PAGE_SHIFT,
@@ -85,6 +86,7 @@ class PageCache:
         device: BlockDevice,
         *,
         cache_bytes: int = 256 * 2**20,
+        cache_max_bytes: int | None = None,
         wait_mode: Literal["async", "threads"] = "async",
         threads: int = 16,
         readahead_max: int = 128 * 1024,
@@ -92,7 +94,11 @@ class PageCache:
     ) -> None:
         self._dev = device
         self._dev_size = device.size
-        self._lru = PageLRU(max(1, cache_bytes // PAGE_SIZE))
+        # ``cache_bytes`` is where the cache starts; it grows towards ``cache_max_bytes`` only
+        # on refaults (PageLRU), so a stream never pays for touching the larger ceiling.
+        start_pages = max(1, cache_bytes // PAGE_SIZE)
+        max_pages = None if cache_max_bytes is None else max(1, cache_max_bytes // PAGE_SIZE)
+        self._lru = PageLRU(start_pages, max_pages)  # ValueError if max < start
         self._wt = WaitTable(wait_table_bits)
         self._waiter = Waiter(self._wt, wait_mode, threads)
         # A window larger than a quarter of the cache would be locked beyond the cache's
@@ -118,6 +124,7 @@ class PageCache:
         self.inflight_io = 0
         self.readahead_pages = 0
         self.readahead_used = 0
+        self.refault_around_pages = 0  # pages read back with a refaulted neighbour
 
     # -- introspection (tests, soak, stats) ---------------------------------------------
     @property
@@ -155,8 +162,11 @@ class PageCache:
             "pages_cached": n,
             "cache_bytes": n * PAGE_SIZE,
             "cache_limit_bytes": self._lru.limit * PAGE_SIZE,
+            "cache_max_bytes": self._lru.max_limit * PAGE_SIZE,
+            "cache_grown_pages": self._lru.grown,
             "readahead_pages": self.readahead_pages,
             "readahead_used": self.readahead_used,
+            "refault_around_pages": self.refault_around_pages,
             "evictions": self._lru.evictions,
             "wait_mode": self._waiter.mode,
         }
@@ -408,11 +418,14 @@ class PageCache:
         last = min(last, (self._dev_size - 1) >> PAGE_SHIFT)
         run: list[Page] = []
         created = False
+        refaulted: list[int] = []
         for idx in range(first, last + 1):
             p = pages.get(idx)
             if p is None:
                 p = Page(idx, PG_LOCKED)
                 self._lru.insert(p)
+                if p.lru == LRU_ACTIVE:  # a refault (PageLRU puts only those there)
+                    refaulted.append(idx)
                 created = True
                 run.append(p)
             elif not p.flags & (PG_UPTODATE | PG_LOCKED) and idx != first:
@@ -428,6 +441,8 @@ class PageCache:
                 run = []
         if run:
             self._submit(run)
+        if refaulted and self._lru.headroom:
+            self._refault_around(refaulted)
         if created:
             # The page this read needs next may have completed synchronously (RWF_NOWAIT
             # probe): pin it so reclaim cannot undo the step's progress.
@@ -438,6 +453,39 @@ class PageCache:
                 head.refcount -= 1
             else:  # pragma: no cover - `first` was just created or already present
                 self._shrink()
+
+    def _refault_around(self, refaulted: list[int]) -> None:
+        """Bring back, with the refaulted pages, the pages reclaimed next to them (their
+        shadow group of 64), while the cache may still grow: a working set that was pushed
+        out together (by a stream, or by a cache that was too small) comes back in a few
+        large reads instead of one miss per page. A refault is the evidence (PageLRU); the
+        cache grows by each page brought back, within ``headroom``, so a cache at its
+        ceiling never does this."""
+        lru = self._lru
+        last_dev = (self._dev_size - 1) >> PAGE_SHIFT
+        budget = lru.headroom
+        done: set[int] = set()
+        for idx in refaulted:
+            group = idx >> SHADOW_SHIFT
+            if group in done:
+                continue
+            done.add(group)
+            batch: list[Page] = []
+            for j in lru.remembered_near(idx):
+                if budget <= 0 or j > last_dev:
+                    break
+                if j in lru.pages:  # pragma: no cover - a remembered page is never cached
+                    continue
+                p = Page(j, PG_LOCKED | PG_RA_UNUSED)
+                lru.insert(p)  # a refault too: grows ``limit`` by this page
+                budget -= 1
+                self.refault_around_pages += 1
+                if batch and j != batch[-1].index + 1:
+                    self._submit(batch)
+                    batch = []
+                batch.append(p)
+            if batch:
+                self._submit(batch)
 
     # -- readahead ----------------------------------------------------------------------
     async def _sync_readahead(self, ctx: _FileCtx, dev_idx: int) -> None:

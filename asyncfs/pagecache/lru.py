@@ -9,9 +9,18 @@ churns the inactive list and cannot flush a working set that was read twice.
 
 A new working set must be able to displace an old one even when it does not fit in the
 inactive list: like the kernel's workingset shadow entries (and the ghost queue of S3-FIFO),
-the indexes of recently reclaimed pages are remembered (at most ``limit`` of them); a page
+the indexes of recently reclaimed pages are remembered (at most ``max_limit`` of them); a page
 that faults back in while still remembered is inserted straight into the active list. A scan
 never refaults, so it only churns the shadow set.
+
+A refault is also the evidence that more memory would have turned the miss into a hit (the
+page was reclaimed too early, mm/workingset.c): while ``limit`` is below ``max_limit`` each
+refault raises ``limit`` by that page instead of evicting another. A stream never refaults, so
+it never grows the cache (touching fresh memory is what makes a big cache slow for streams); a
+working set that is read again grows it until it fits or ``max_limit`` is reached. The shadow
+set remembers ``max_limit`` indexes so a refault is recognised over that larger distance; it
+keeps them as bitmasks of 64 consecutive indexes (a group is forgotten whole, oldest first), so
+remembering a 2 GiB stream costs ~1 MiB, not the ~60 MiB of one dict entry per index.
 
 Pages that are LOCKED (I/O in flight) or pinned (``refcount``, a read step copying from them)
 are never reclaimed; so the cache may exceed its limit by those pages only (§4.14).
@@ -33,22 +42,41 @@ from asyncfs.pagecache.page import (
     Page,
 )
 
+SHADOW_SHIFT = 6
+SHADOW_MASK = (1 << SHADOW_SHIFT) - 1  # a group: 64 consecutive page indexes
+
 
 class PageLRU:
-    """The page index (key -> Page) plus the two reclaim lists, bounded to ``limit`` pages."""
+    """The page index (key -> Page) plus the two reclaim lists, bounded to ``limit`` pages;
+    ``limit`` starts at ``limit_pages`` and grows on refaults up to ``max_pages`` (default:
+    ``limit_pages``, a fixed bound)."""
 
-    __slots__ = ("_active", "_inactive", "_shadow", "evictions", "limit", "pages", "refaults")
+    __slots__ = (
+        "_active", "_inactive", "_shadow", "_shadow_n", "evictions", "grown", "limit",
+        "max_limit", "pages", "refaults",
+    )
 
-    def __init__(self, limit_pages: int) -> None:
+    def __init__(self, limit_pages: int, max_pages: int | None = None) -> None:
         if limit_pages < 1:
             raise ValueError("cache must hold at least one page")
+        if max_pages is None:
+            max_pages = limit_pages
+        elif max_pages < limit_pages:
+            raise ValueError(
+                f"cache ceiling ({max_pages} pages) is below its start ({limit_pages} pages)"
+            )
         self.limit = limit_pages
+        self.max_limit = max_pages
         self.pages: dict[int, Page] = {}
         self._inactive: OrderedDict[int, Page] = OrderedDict()
         self._active: OrderedDict[int, Page] = OrderedDict()
-        self._shadow: OrderedDict[int, None] = OrderedDict()
+        # Shadow entries as bitmasks of SHADOW_GROUP pages (a stream's evictions fill whole
+        # groups): ~2 bytes a remembered page instead of ~120 for one dict entry each.
+        self._shadow: OrderedDict[int, int] = OrderedDict()
+        self._shadow_n = 0  # shadow entries remembered (bits set)
         self.evictions = 0
         self.refaults = 0
+        self.grown = 0  # pages added to ``limit`` by refaults
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -65,9 +93,16 @@ class PageLRU:
         if page.index in self.pages:
             raise KeyError(f"page {page.index} already cached")
         self.pages[page.index] = page
-        if self._shadow and self._shadow.pop(page.index, 0) is None:
+        idx = page.index
+        shadow = self._shadow
+        if shadow and shadow.get(idx >> SHADOW_SHIFT, 0) >> (idx & SHADOW_MASK) & 1:
             # Refault of a recently reclaimed page: it was part of a working set.
+            self._forget(idx)
             self.refaults += 1
+            if self.limit < self.max_limit:
+                # Evicted too early: a bigger cache would have hit. Grow by this page.
+                self.limit += 1
+                self.grown += 1
             self._active[page.index] = page
             page.lru = LRU_ACTIVE
         else:
@@ -140,10 +175,7 @@ class PageLRU:
                 del self.pages[idx]
                 page.lru = LRU_NONE
                 evicted.append(page)
-                shadow = self._shadow
-                shadow[idx] = None
-                if len(shadow) > self.limit:
-                    shadow.popitem(last=False)
+                self._remember(idx)
                 excess -= 1
             for page in skipped:
                 inactive[page.index] = page
@@ -155,6 +187,52 @@ class PageLRU:
                 break
         self.evictions += len(evicted)
         return evicted
+
+    def _remember(self, idx: int) -> None:
+        """Add a shadow entry for reclaimed page ``idx``; forget the oldest group of entries
+        when more than ``max_limit`` are remembered."""
+        shadow = self._shadow
+        group = idx >> SHADOW_SHIFT
+        bit = 1 << (idx & SHADOW_MASK)
+        mask = shadow.get(group)
+        if mask is None:
+            shadow[group] = bit
+        elif not mask & bit:
+            shadow[group] = mask | bit
+            shadow.move_to_end(group)
+        else:
+            return
+        self._shadow_n += 1
+        while self._shadow_n > self.max_limit:
+            _, old = shadow.popitem(last=False)
+            self._shadow_n -= old.bit_count()
+
+    def remembered_near(self, idx: int) -> list[int]:
+        """The shadow entries in ``idx``'s group of 64 (ascending): pages reclaimed near a
+        page that just refaulted, which a refault-around read can bring back with it."""
+        group = idx >> SHADOW_SHIFT
+        mask = self._shadow.get(group, 0)
+        base = group << SHADOW_SHIFT
+        out = []
+        while mask:
+            low = mask & -mask
+            out.append(base + low.bit_length() - 1)
+            mask ^= low
+        return out
+
+    @property
+    def headroom(self) -> int:
+        """Pages ``limit`` may still grow by (refaults) before reaching ``max_limit``."""
+        return self.max_limit - self.limit
+
+    def _forget(self, idx: int) -> None:
+        group = idx >> SHADOW_SHIFT
+        mask = self._shadow[group] & ~(1 << (idx & SHADOW_MASK))
+        if mask:
+            self._shadow[group] = mask
+        else:
+            del self._shadow[group]
+        self._shadow_n -= 1
 
     def evict(self, page: Page) -> bool:
         """Drop one page now if it may be dropped (used by tests and the soak)."""

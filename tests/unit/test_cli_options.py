@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from asyncfs.cli import options
 from asyncfs.cli.options import default_cache_size, parse_options, parse_size
 from asyncfs.errors import UsageError
+from tests.unit.fakes import mutant
 
 
 def test_sizes() -> None:
@@ -60,17 +62,32 @@ def test_bad_options_are_one_line_errors(opt: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(("mem_kib", "expect_mib"), [
-    (24 * 2**20, 256),  # a sixteenth would be 1.5 GiB: capped
-    (4 * 2**20, 256),
-    (3 * 2**20 + 12345, 192),  # rounded down to whole MiB
-    (512 * 2**10, 64),  # a sixteenth would be 32 MiB: the floor
+    (64 * 2**20, 2048),  # an eighth would be 8 GiB: capped at 2 GiB
+    (int(23.5 * 2**20), 2048),  # this VM: an eighth is 2.9 GiB, capped
+    (8 * 2**20, 1024),
+    (3 * 2**20 + 12345, 385),  # rounded down to whole MiB
+    (512 * 2**10, 64),
+    (256 * 2**10, 64),  # an eighth would be 32 MiB: the floor
 ])
-def test_default_cache_size_follows_memory(tmp_path: Path, mem_kib: int, expect_mib: int) -> None:
-    """A sixteenth of MemTotal, between 64 MiB and 256 MiB. Broken variant: no cap (a big
-    machine would give the daemon 1.5 GiB)."""
+@pytest.mark.parametrize("variant", ["kernel", "sixteenth_capped_at_256M"])
+def test_default_cache_size_follows_memory(
+    tmp_path: Path, mem_kib: int, expect_mib: int, variant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default ceiling: an eighth of MemTotal, between 64 MiB and 2 GiB.
+
+    Broken variant: ``sixteenth_capped_at_256M`` (the old default: 256 MiB on this VM, so a
+    re-read working set could never grow the cache)."""
+    if variant != "kernel":
+        monkeypatch.setattr(options, "CACHE_MAX_DEFAULT", 256 << 20)
+        monkeypatch.setattr(
+            options, "default_cache_size",
+            mutant(options, "default_cache_size", "(total // 8)", "(total // 16)"),
+        )
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(f"MemFree:  1000 kB\nMemTotal:  {mem_kib} kB\n")
-    assert default_cache_size(str(meminfo)) == expect_mib << 20
+    got = options.default_cache_size(str(meminfo))
+    assert (got == expect_mib << 20) == (variant == "kernel" or expect_mib == 64), got
 
 
 def test_default_cache_size_without_meminfo(tmp_path: Path) -> None:
@@ -78,3 +95,64 @@ def test_default_cache_size_without_meminfo(tmp_path: Path) -> None:
     (tmp_path / "odd").write_text("nothing useful\n")
     assert default_cache_size(str(tmp_path / "odd")) == 256 << 20
     assert parse_options(["cache_size=64M"]).cache_size == 64 << 20  # an explicit size wins
+
+
+@pytest.mark.parametrize("variant", ["kernel", "start_at_256M_always"])
+def test_cache_starts_at_256M_or_the_whole_small_ceiling(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache starts at min(cache_size, 256 MiB): a big ceiling is reached only by growth
+    on refaults; an explicit ``cache_size=64M`` is a fixed 64 MiB bound as before (the memory
+    benchmark relies on it).
+
+    Broken variant: ``start_at_256M_always`` (max instead of min: a 64 MiB cache would start
+    above its own ceiling)."""
+    if variant != "kernel":
+        monkeypatch.setattr(
+            options, "cache_start",
+            mutant(options, "cache_start", "min(cache_size, CACHE_START)",
+                   "max(cache_size, CACHE_START)"),
+        )
+    small = parse_options(["cache_size=64M"]).cache_size
+    cases = [(small, 64 << 20), (64 * 1024, 64 * 1024), (256 << 20, 256 << 20),
+             (2 << 30, 256 << 20), (1 << 30, 256 << 20)]
+    ok = all(options.cache_start(size) == start for size, start in cases)
+    assert ok == (variant == "kernel")
+    assert options.CACHE_START == 256 << 20
+
+
+@pytest.mark.parametrize("variant", ["kernel", "ceiling_not_wired"])
+async def test_mount_stack_starts_small_and_prints_the_ceiling(
+    tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The mount's page cache (open_stack over a real image) starts at min(cache_size,
+    256 MiB) with ``cache_size`` as its ceiling, and ``asyncfs stats`` prints both.
+
+    Broken variant: ``ceiling_not_wired`` (wiring passes only the start: no room to grow)."""
+    from asyncfs.cli import control, main, wiring
+    from tests.imagegen import make_image
+
+    if variant != "kernel":
+        monkeypatch.setattr(
+            wiring, "open_stack",
+            mutant(wiring, "open_stack", "cache_max_bytes=opts.cache_size,", ""),
+        )
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    img = make_image(src, tmp_path / "t.img", "ext4")
+    got: dict[str, dict[str, int | str]] = {}
+    for size in ("64M", "1G"):
+        async with wiring.open_stack(img, parse_options([f"cache_size={size}"])) as stack:
+            got[size] = stack.cache.stats()
+    assert got["64M"]["cache_limit_bytes"] == got["64M"]["cache_max_bytes"] == 64 << 20
+    assert got["1G"]["cache_limit_bytes"] == 256 << 20
+    assert (got["1G"]["cache_max_bytes"] == 1 << 30) == (variant == "kernel")
+    if variant != "kernel":
+        return
+
+    monkeypatch.setattr(control, "fetch_stats", lambda mountpoint: got["1G"])
+    assert main._stats("/nowhere", as_json=False) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("cache"))
+    assert "/ 256.0 MiB (grows to 1024.0 on refaults; 0 pages grown)" in line

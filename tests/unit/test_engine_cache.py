@@ -9,9 +9,16 @@ import trio.testing
 
 from asyncfs.engine.cache import PageCache
 from asyncfs.errors import DeviceIOError, WouldBlockError
-from asyncfs.pagecache import PAGE_SIZE, PG_LOCKED, PG_UPTODATE
+from asyncfs.pagecache import PAGE_SIZE, PG_LOCKED, PG_UPTODATE, PageLRU
 from asyncfs.types import Run
-from tests.unit.fakes import GatedDevice, ListFileMap, MemoryDevice, contiguous_file, pattern
+from tests.unit.fakes import (
+    GatedDevice,
+    ListFileMap,
+    MemoryDevice,
+    contiguous_file,
+    mutant,
+    pattern,
+)
 
 DATA = pattern(1 << 20)
 MODES = ["async", "threads"]
@@ -177,9 +184,11 @@ async def test_stats_keys_and_aclose() -> None:
         "cache_hits", "cache_misses", "backend_reads", "backend_bytes", "parked_now",
         "parked_total", "wakeups", "inflight_io", "pages_cached", "cache_bytes",
         "cache_limit_bytes", "readahead_pages", "readahead_used", "evictions", "wait_mode",
+        "cache_max_bytes", "cache_grown_pages",
     ]:
         assert key in s
-    assert s["cache_limit_bytes"] == 1 << 20
+    assert s["cache_limit_bytes"] == s["cache_max_bytes"] == 1 << 20  # no ceiling: fixed
+    assert s["cache_grown_pages"] == 0
     failed = []
 
     async def reader() -> None:
@@ -267,3 +276,122 @@ async def test_rwf_nowait_probe_completes_without_parking() -> None:
     s = c.stats()
     assert dev.reads == [] and s["parked_total"] == 0 and s["inflight_io"] == 0
     assert s["backend_nowait_reads"] == s["backend_reads"] and len(c.lru) <= 4
+
+
+@pytest.mark.parametrize("variant", ["kernel", "ceiling_ignored", "grow_on_every_insert"])
+async def test_cache_grows_on_refaults_not_on_a_single_pass(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cache_bytes`` is the start, ``cache_max_bytes`` the ceiling: a device range of twice
+    the start read page by page twice refaults, the cache grows by those pages and the second
+    pass misses once (the first refault brings its evicted group of 64 back with it); a
+    single pass over the whole device (4x the start) grows nothing and caches no more than
+    the start.
+
+    Broken variants: ``ceiling_ignored`` (PageCache builds its PageLRU without the ceiling);
+    ``grow_on_every_insert`` (PageLRU grows on any miss, so a stream fills the ceiling)."""
+    if variant == "ceiling_ignored":
+        monkeypatch.setattr(
+            PageCache, "__init__",
+            mutant(PageCache, "__init__", "PageLRU(start_pages, max_pages)",
+                   "PageLRU(start_pages)"),
+        )
+    elif variant == "grow_on_every_insert":
+        monkeypatch.setattr(
+            PageLRU, "insert",
+            mutant(PageLRU, "insert", "self.pages[page.index] = page",
+                   "self.pages[page.index] = page; self.limit = min(self.limit + 1, "
+                   "self.max_limit)"),
+        )
+    start, ceiling = 64 * PAGE_SIZE, 256 * PAGE_SIZE
+    c = PageCache(MemoryDevice(DATA), cache_bytes=start, cache_max_bytes=ceiling,
+                  readahead_max=0)
+    misses = []
+    for _ in range(2):
+        before = c.misses
+        for off in range(0, 2 * start, PAGE_SIZE):
+            assert await c.read_dev(off, PAGE_SIZE) == DATA[off : off + PAGE_SIZE]
+        misses.append(c.misses - before)
+    s = c.stats()
+    assert misses[0] == 128
+    assert int(s["cache_bytes"]) <= int(s["cache_limit_bytes"]) <= int(s["cache_max_bytes"])
+    working_set_grew = (
+        s["cache_max_bytes"] == ceiling
+        and s["cache_grown_pages"] == 64
+        and s["cache_limit_bytes"] == 2 * start
+        and misses[1] == 1
+        and s["refault_around_pages"] == 63
+    )
+
+    stream = PageCache(MemoryDevice(DATA), cache_bytes=start, cache_max_bytes=ceiling,
+                       readahead_max=0)
+    for off in range(0, len(DATA), PAGE_SIZE):
+        await stream.read_dev(off, PAGE_SIZE)
+    s = stream.stats()
+    stream_stayed = (
+        s["cache_grown_pages"] == 0
+        and s["cache_limit_bytes"] == start
+        and int(s["pages_cached"]) <= start // PAGE_SIZE
+    )
+    assert (working_set_grew, stream_stayed) == {
+        "kernel": (True, True), "ceiling_ignored": (False, True),
+        "grow_on_every_insert": (False, False),
+    }[variant], (misses, s)
+
+
+@pytest.mark.parametrize("variant", ["kernel", "headroom_ignored", "page_by_page"])
+async def test_refault_around_reads_the_evicted_group_back_in_one_read(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refault while the cache may grow brings back the reclaimed pages of its shadow group
+    (64 pages) in one backend read per contiguous run; at the ceiling (no headroom) nothing
+    more than the page asked for is read, and the cache never passes its ceiling.
+
+    Broken variants: ``headroom_ignored`` (refault-around at the ceiling: the cache evicts
+    other pages to make room and reads 64x what is asked); ``page_by_page`` (each brought-back
+    page submitted as its own read)."""
+    if variant == "headroom_ignored":
+        monkeypatch.setattr(PageCache, "_populate", mutant(
+            PageCache, "_populate", "if refaulted and self._lru.headroom:", "if refaulted:"))
+        monkeypatch.setattr(PageCache, "_refault_around", mutant(
+            PageCache, "_refault_around", "if budget <= 0 or j > last_dev:",
+            "if j > last_dev:"))
+    elif variant == "page_by_page":
+        monkeypatch.setattr(PageCache, "_refault_around", mutant(
+            PageCache, "_refault_around", "if batch and j != batch[-1].index + 1:",
+            "if batch:"))
+    dev = MemoryDevice(DATA)
+    c = PageCache(dev, cache_bytes=64 * PAGE_SIZE, cache_max_bytes=192 * PAGE_SIZE,
+                  readahead_max=0)
+    for off in range(0, 128 * PAGE_SIZE, PAGE_SIZE):  # pages 0..63 reclaimed, remembered
+        await c.read_dev(off, PAGE_SIZE)
+    dev.reads.clear()
+    assert await c.read_dev(5 * PAGE_SIZE, PAGE_SIZE) == DATA[5 * PAGE_SIZE : 6 * PAGE_SIZE]
+    # the refaulted page itself, then the rest of its group in two runs around it
+    growing_ok = sorted(dev.reads) == [(0, 5 * PAGE_SIZE), (5 * PAGE_SIZE, PAGE_SIZE),
+                                       (6 * PAGE_SIZE, 58 * PAGE_SIZE)]
+    before = c.misses
+    for off in range(0, 64 * PAGE_SIZE, PAGE_SIZE):
+        assert await c.read_dev(off, PAGE_SIZE) == DATA[off : off + PAGE_SIZE]
+    growing_ok = growing_ok and c.misses == before and c.stats()["refault_around_pages"] == 63
+
+    # At the ceiling: fill it (limit == max), then a refault reads only its own page.
+    full = PageCache(MemoryDevice(DATA), cache_bytes=64 * PAGE_SIZE,
+                     cache_max_bytes=64 * PAGE_SIZE, readahead_max=0)
+    for off in range(0, 128 * PAGE_SIZE, PAGE_SIZE):
+        await full.read_dev(off, PAGE_SIZE)
+    fdev = full._dev
+    assert isinstance(fdev, MemoryDevice)
+    fdev.reads.clear()
+    await full.read_dev(5 * PAGE_SIZE, PAGE_SIZE)
+    ceiling_ok = (fdev.reads == [(5 * PAGE_SIZE, PAGE_SIZE)]
+                  and len(full.lru) <= 64 and full.stats()["refault_around_pages"] == 0)
+    assert (growing_ok, ceiling_ok) == {
+        "kernel": (True, True), "headroom_ignored": (True, False),
+        "page_by_page": (False, True),
+    }[variant], (dev.reads, fdev.reads)
+
+
+def test_cache_ceiling_below_start_is_refused() -> None:
+    with pytest.raises(ValueError, match="below its start"):
+        PageCache(MemoryDevice(DATA), cache_bytes=64 * PAGE_SIZE, cache_max_bytes=63 * PAGE_SIZE)

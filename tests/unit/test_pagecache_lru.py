@@ -114,3 +114,142 @@ def test_insert_duplicate_and_remove() -> None:
     assert lru.evict(p) and lru.lookup(1) is None and not lru.evict(p)
     with pytest.raises(ValueError):
         PageLRU(0)
+
+
+# -- growth on refaults (workingset evidence) ---------------------------------------------
+
+
+def read_page(lru: PageLRU, index: int) -> bool:
+    """One read the way the engine does it: a hit marks the page accessed; a miss inserts it
+    (a refault if its shadow is remembered) and reclaims. Returns whether it hit."""
+    p = lru.lookup(index)
+    if p is not None:
+        lru.mark_accessed(p)
+        return True
+    p = Page(index)
+    lru.insert(p)
+    lru.mark_accessed(p)
+    lru.shrink()
+    return False
+
+
+GROW_ON_EVERY_INSERT = (
+    "self.pages[page.index] = page",
+    "self.pages[page.index] = page; self.limit = min(self.limit + 1, self.max_limit)",
+)
+NO_CAP = ("if self.limit < self.max_limit:", "if True:")
+SHADOW_CAP_LIMIT = ("while self._shadow_n > self.max_limit:",
+                    "while self._shadow_n > self.limit:")
+
+
+def break_lru(monkeypatch: pytest.MonkeyPatch, name: str, edit: tuple[str, str]) -> None:
+    monkeypatch.setattr(PageLRU, name, mutant(PageLRU, name, *edit))
+
+
+@pytest.mark.parametrize("variant", ["kernel", "grow_on_every_insert"])
+def test_stream_never_grows_the_cache(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-pass scan of 4x the ceiling never refaults: ``limit`` stays at its start and
+    the cache never holds more than ``limit`` pages.
+
+    Broken variant: ``grow_on_every_insert`` (growth not tied to a refault)."""
+    if variant == "grow_on_every_insert":
+        break_lru(monkeypatch, "insert", GROW_ON_EVERY_INSERT)
+    lru = PageLRU(100, 400)
+    peak = 0
+    for i in range(1600):
+        read_page(lru, i)
+        peak = max(peak, len(lru))
+    assert (lru.limit == 100 and lru.grown == 0 and peak <= 100) == (variant == "kernel")
+    assert lru.refaults == 0
+
+
+@pytest.mark.parametrize("variant", ["kernel", "shadow_capacity_still_limit"])
+def test_reread_working_set_grows_until_it_hits(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A working set of 1.5x and one of 3x the start, each read three times: the second pass
+    refaults and grows ``limit`` by those pages, so the third pass hits everywhere. The 3x set
+    refaults from 2x the start away, so only a shadow set that remembers ``max_limit``
+    indexes recognises it.
+
+    Broken variant: ``shadow_capacity_still_limit`` (shadow set bounded by the current limit:
+    the 3x set never refaults, never grows, and keeps missing)."""
+    if variant == "shadow_capacity_still_limit":
+        break_lru(monkeypatch, "_remember", SHADOW_CAP_LIMIT)
+    for size in (150, 300):
+        lru = PageLRU(100, 400)
+        passes = [sum(read_page(lru, i) for i in range(size)) for _ in range(3)]
+        assert passes[0] == 0 and passes[1] <= 100
+        grew = lru.limit == size and lru.grown == size - 100 and passes[2] == size
+        assert grew == (variant == "kernel" or size == 150), (size, lru.limit, passes)
+        assert len(lru) <= lru.limit <= lru.max_limit
+
+
+@pytest.mark.parametrize("variant", ["kernel", "no_cap"])
+def test_growth_stops_at_max_limit(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random reads over a working set of 3x the ceiling refault again and again: ``limit``
+    reaches ``max_limit`` and never passes it (nor does the number of cached pages).
+
+    Broken variant: ``no_cap`` (every refault grows the limit)."""
+    import random
+
+    if variant == "no_cap":
+        break_lru(monkeypatch, "insert", NO_CAP)
+    rng = random.Random(6)
+    lru = PageLRU(100, 200)
+    over = False
+    for _ in range(6000):
+        read_page(lru, rng.randrange(600))
+        over = over or lru.limit > 200 or len(lru) > 200
+    assert (lru.limit == 200 and lru.grown == 100 and not over) == (variant == "kernel")
+
+
+@pytest.mark.parametrize("variant", ["kernel", "default_ceiling_doubled"])
+def test_default_is_a_fixed_bound(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``max_pages`` the limit never changes (the old behaviour), even for a working
+    set that refaults; a ceiling below the start is refused.
+
+    Broken variant: ``default_ceiling_doubled`` (no ``max_pages`` means room to grow)."""
+    if variant == "default_ceiling_doubled":
+        break_lru(monkeypatch, "__init__",
+                  ("max_pages = limit_pages", "max_pages = 2 * limit_pages"))
+    lru = PageLRU(100)
+    for _ in range(3):
+        for i in range(150):
+            read_page(lru, i)
+    assert lru.refaults > 0
+    assert (lru.limit == lru.max_limit == 100 and lru.grown == 0) == (variant == "kernel")
+    with pytest.raises(ValueError, match="below its start"):
+        PageLRU(100, 99)
+    assert PageLRU(100, 100).max_limit == 100
+
+
+@pytest.mark.parametrize("variant", ["kernel", "entry_per_page"])
+def test_shadow_set_of_a_long_stream_stays_small(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shadow set of a stream remembers ``max_limit`` pages in a few bytes each (bitmasks
+    of 64 pages): a 2 GiB stream under a 2 GiB ceiling must not add tens of MiB to the
+    daemon. At 1/8 scale: 65,536 remembered pages and 1,024 cached ones in under 1 MiB.
+
+    Broken variant: ``entry_per_page`` (a group per page index, as one dict entry per
+    shadow costs: ~8 MiB at this scale)."""
+    import tracemalloc
+
+    if variant == "entry_per_page":
+        monkeypatch.setattr("asyncfs.pagecache.lru.SHADOW_SHIFT", 0)
+        monkeypatch.setattr("asyncfs.pagecache.lru.SHADOW_MASK", 0)
+    lru = PageLRU(1024, 65536)
+    tracemalloc.start()
+    try:
+        for i in range(70000):
+            read_page(lru, i)
+        shadow_bytes = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert lru.grown == 0 and lru.refaults == 0
+    # every reclaimed page is still recognised up to the ceiling: re-reading the newest
+    # evictions refaults
+    assert sum(not read_page(lru, i) for i in range(68000, 68900)) == 900
+    assert lru.refaults == 900
+    assert (shadow_bytes < 1 << 20) == (variant == "kernel"), shadow_bytes
