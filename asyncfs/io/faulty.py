@@ -1,15 +1,15 @@
 """A fault-injecting BlockDevice wrapper for tests and benchmarks: per-read latency (fixed or
 random), EIO for reads touching chosen byte ranges, and a stall the test releases.
 
-Over a backend with callback reads (io_uring), reads also complete by callback: each waits out
-its latency in one shared delay line (a heap and one system task) instead of a task and a timer
-of its own, so a slow device costs the daemon no more CPU per read than a fast one. Reads that
-meet a stall or an injected EIO range take the plain ``read`` path.
+Over io_uring, reads also complete by callback, and their latency is waited out in the kernel
+(``UringDevice.submit_read_after``: a timeout linked ahead of the read), not by a timer, task
+and wake-up of the trio thread: a slow device then costs the daemon no more CPU per read than a
+fast one, as a real slow disk would. Reads that meet a stall or an injected EIO range take the
+plain ``read`` path; a stall holds the reads issued after it (those already in the ring finish).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Callable
@@ -57,6 +57,8 @@ class FaultyDevice:
         self.inner = inner
         self._inner_submit: Callable[[int, int, ReadCallback], bool] | None = getattr(
             inner, "submit_read", None)
+        self._inner_submit_after: Callable[[float, int, int, ReadCallback], bool] | None = (
+            getattr(inner, "submit_read_after", None))
         self.latency_ms = latency_ms
         self.latency_jitter_ms = latency_jitter_ms
         self._eio: list[tuple[int, int]] = list(eio_ranges or [])
@@ -65,11 +67,6 @@ class FaultyDevice:
         self._released.set()
         self.reads = 0  # reads asked of this device (tests count backend traffic with it)
         self.stalled_readers = 0
-        # the delay line: (due, seq, offset, length, callback), and the task that drains it
-        self._line: list[tuple[float, int, int, int, ReadCallback]] = []
-        self._line_seq = 0
-        self._line_scope: trio.CancelScope | None = None
-        self._line_running = False
         self._closed = False
 
     @property
@@ -117,77 +114,22 @@ class FaultyDevice:
         return await self.inner.read(offset, length)
 
     def submit_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
-        """``CallbackReads.submit_read`` when the inner device has it; ``False`` (use ``read``)
-        otherwise, while stalled, or while any EIO range is set."""
-        inner = self._inner_submit
-        if inner is None or self._closed or self.is_stalled or self._eio:
+        """``CallbackReads.submit_read`` when the inner device has it (with a latency: when it
+        can delay the read itself); ``False`` (use ``read``) otherwise, while stalled, or while
+        any EIO range is set."""
+        if self._inner_submit is None or self._closed or self.is_stalled or self._eio:
             return False
         delay = self.latency_ms
         if self.latency_jitter_ms:
             delay += self._rng.uniform(0, self.latency_jitter_ms)
         if delay <= 0:
-            started: bool = inner(offset, length, callback)
-            self.reads += started
-            return started
-        self.reads += 1
-        due = trio.current_time() + delay / 1000
-        heapq.heappush(self._line, (due, self._line_seq, offset, length, callback))
-        self._line_seq += 1
-        if not self._line_running:
-            self._line_running = True
-            trio.lowlevel.spawn_system_task(self._run_line, name="asyncfs-fault-delay-line")
-        elif self._line_scope is not None and due < self._line_scope.deadline:
-            self._line_scope.deadline = due  # jitter: this one is due before the one waited on
-        return True
-
-    async def _run_line(self) -> None:
-        try:
-            while self._line and not self._closed:
-                with trio.CancelScope(deadline=self._line[0][0]) as scope:
-                    self._line_scope = scope
-                    await trio.sleep_forever()
-                self._line_scope = None
-                now = trio.current_time()
-                batch = []
-                while self._line and self._line[0][0] <= now:
-                    batch.append(heapq.heappop(self._line))
-                released = self._released
-                if batch and not released.is_set():  # stalled after these were queued
-                    self.stalled_readers += len(batch)
-                    try:
-                        await released.wait()
-                    finally:
-                        self.stalled_readers -= len(batch)
-                for _, _, offset, length, callback in batch:
-                    self._start(offset, length, callback)
-        finally:
-            self._line_running = False
-            self._line_scope = None
-            self._fail_line("device closed")
-
-    def _start(self, offset: int, length: int, callback: ReadCallback) -> None:
-        if self._closed:
-            callback(None, DeviceIOError(f"read of {length} bytes at {offset}: device closed"))
-        elif self._inner_submit is None or not self._inner_submit(offset, length, callback):
-            trio.lowlevel.spawn_system_task(self._read_for, offset, length, callback,
-                                            name="asyncfs-fault-read")
-
-    async def _read_for(self, offset: int, length: int, callback: ReadCallback) -> None:
-        """The inner ring was full: a plain read, completed through the callback."""
-        try:
-            data = await self.inner.read(offset, length)
-        except DeviceIOError as e:
-            callback(None, e)
-        except BaseException:  # cancelled at shutdown: the callback still comes, once
-            callback(None, DeviceIOError(f"read of {length} bytes at {offset}: cancelled"))
-            raise
+            started = self._inner_submit(offset, length, callback)
+        elif self._inner_submit_after is not None:
+            started = self._inner_submit_after(delay / 1000, offset, length, callback)
         else:
-            callback(memoryview(data), None)
-
-    def _fail_line(self, why: str) -> None:
-        line, self._line = self._line, []
-        for _, _, offset, length, callback in line:
-            callback(None, DeviceIOError(f"read of {length} bytes at {offset}: {why}"))
+            return False
+        self.reads += started
+        return started
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         if self.latency_ms or self.latency_jitter_ms or self.is_stalled:
@@ -199,7 +141,4 @@ class FaultyDevice:
     async def aclose(self) -> None:
         self._closed = True
         self.release()
-        if self._line_scope is not None:
-            self._line_scope.cancel()
-        self._fail_line("device closed")
         await self.inner.aclose()

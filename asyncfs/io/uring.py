@@ -8,7 +8,9 @@ readers. The ring fd itself is in trio's poll set (a system task waits on it wit
 trio sleeps wake it. No eventfd, no extra syscall per completion.
 
 ``submit_read`` starts a read that completes through a callback instead of a parked task (the
-page cache's misses use it, so a miss costs no task of its own).
+page cache's misses use it, so a miss costs no task of its own). ``submit_read_after`` delays
+such a read in the kernel (an ``IORING_OP_TIMEOUT`` linked ahead of it): the injected latency of
+``-o latency`` then costs no timer, task or wake-up in this thread, as a slow device would not.
 
 A reader cancelled while its read is in flight leaves at once; its op (and the buffer the
 kernel writes into) stays in ``_ops`` until the CQE arrives, so the ring never points at
@@ -35,6 +37,9 @@ from asyncfs.io.filedev import FileDeviceBase
 log = logging.getLogger(__name__)
 
 _RETRY = (-errno.EAGAIN, -errno.EINTR)
+# user_data of the timeouts linked ahead of delayed reads: no op has it (ids start at 1), so
+# their completions are dropped, and one cancel-all by this value stops every delay at close.
+_DELAY_TAG = 0
 _DRAIN_SECONDS = 10.0
 
 
@@ -46,8 +51,8 @@ class _Op:
     """One device read: the file span it covers and how much of it has arrived."""
 
     __slots__ = (
-        "buf", "callback", "done", "fd", "iov", "length", "lo", "need", "offset", "pos", "task",
-        "want",
+        "buf", "callback", "delay", "done", "fd", "iov", "length", "lo", "need", "offset", "pos",
+        "task", "want",
     )
 
     def __init__(
@@ -57,6 +62,7 @@ class _Op:
         self.task: trio.lowlevel.Task | None = task
         self.fd = fd
         self.callback: ReadCallback | None = None
+        self.delay: Any = None  # the linked timeout's timespec (kept alive until submitted)
         self.buf = buf
         self.iov: Any = None
         self.pos = pos
@@ -171,8 +177,18 @@ class UringDevice(FileDeviceBase):
         instead of waking a parked task: a page-cache miss then costs no task of its own.
         ``False`` (nothing started) when the ring is full or the device is closed or failed;
         the caller falls back to ``read``. Raises ``DeviceIOError`` for a range past the end."""
+        return self.submit_read_after(0.0, offset, length, callback)
+
+    def submit_read_after(
+        self, delay: float, offset: int, length: int, callback: ReadCallback
+    ) -> bool:
+        """``submit_read``, the read starting ``delay`` seconds from now: a timeout linked
+        ahead of it in the ring (``IOSQE_IO_LINK``; ``IORING_TIMEOUT_ETIME_SUCCESS`` so its
+        expiry does not break the link) holds it back in the kernel."""
         self._check(offset, length)
         if length == 0 or len(self._ops) >= self._depth or self._failed is not None:
+            return False
+        if self._closed:
             return False
         fd, direct = self._route(length)
         pos, want, lo = self._span(offset, length, direct)
@@ -181,6 +197,8 @@ class UringDevice(FileDeviceBase):
         op_id = self._next_id
         self._next_id = op_id + 1
         try:
+            if delay > 0:
+                self._prep_delay(op, delay)
             self._prep(op_id, op)
         except OSError:
             self._pool.put(op.buf)
@@ -189,6 +207,20 @@ class UringDevice(FileDeviceBase):
         if self._instrument is None:
             self._flush()
         return True
+
+    def _prep_delay(self, op: _Op, delay: float) -> None:
+        """The timeout SQE that holds back the read prepared right after it."""
+        ring = self._ring
+        if lu.io_uring_sq_space_left(ring) < 2:
+            self._flush()  # the timeout and its read must go in the same submission
+        sqe = lu.io_uring_get_sqe(ring)
+        if sqe is None:
+            raise OSError(errno.EBUSY, "submission queue full")
+        op.delay = lu.timespec(delay)
+        lu.io_uring_prep_timeout(sqe, op.delay, 0, lu.IORING_TIMEOUT_ETIME_SUCCESS)
+        lu.io_uring_sqe_set_flags(sqe, lu.IOSQE_IO_LINK)
+        lu.io_uring_sqe_set_data64(sqe, _DELAY_TAG)
+        self._unsubmitted += 1
 
     def _prep(self, op_id: int, op: _Op) -> None:
         buf = op.buf
@@ -284,7 +316,11 @@ class UringDevice(FileDeviceBase):
         elif res == 0:
             if op.done < op.need:
                 error = "image ends early (truncated or removed?)"
-        elif res in _RETRY:
+        elif res in _RETRY or (res == -errno.ECANCELED and op.delay is not None
+                                and not self._closed):
+            # ECANCELED: a kernel without ETIME_SUCCESS broke the link when the delay expired;
+            # the delay is over either way, so read now (once: the retry has no delay).
+            op.delay = None
             error = self._resubmit(op_id, op)
             if error is None:
                 return
@@ -343,6 +379,7 @@ class UringDevice(FileDeviceBase):
             return
         self._closed = True
         self._slots.unpark_all()
+        self._cancel_delays()
         with trio.move_on_after(_DRAIN_SECONDS):
             while self._ops and not self._reaper_done.is_set():
                 await trio.sleep(0.001)
@@ -356,6 +393,24 @@ class UringDevice(FileDeviceBase):
         self._teardown_ring()
         self._ops.clear()
         self._close_fd()
+
+    def _cancel_delays(self) -> None:
+        """End every pending delay now: their reads complete with ECANCELED (an error, the
+        device being closed) instead of holding the close up for their latency."""
+        if not any(op.delay is not None for op in self._ops.values()):
+            return
+        try:
+            if lu.io_uring_sq_space_left(self._ring) < 1:
+                self._flush()
+            sqe = lu.io_uring_get_sqe(self._ring)
+            if sqe is None:
+                return
+            lu.io_uring_prep_cancel64(sqe, _DELAY_TAG, lu.IORING_ASYNC_CANCEL_ALL)
+            lu.io_uring_sqe_set_data64(sqe, _DELAY_TAG)
+            self._unsubmitted += 1
+            self._flush()
+        except OSError:  # the drain below still bounds the close
+            log.debug("cancelling delayed reads failed", exc_info=True)
 
     def _teardown_ring(self) -> None:
         # RuntimeError outside trio: set-up failed before the loop ever watched the fd.

@@ -140,11 +140,13 @@ async def test_event_loop_not_blocked_while_device_slow(
     await dev.aclose()
 
 
-async def test_delay_line_callback_reads(image: tuple[Path, bytes]) -> None:
-    """Over io_uring, reads complete by callback after their latency from one shared delay
-    line: each waits at least the latency, they overlap (32 reads of 30 ms take far less than
-    32 x 30 ms), the bytes are right, and each callback comes once. Broken variant: queueing
-    each read as due now (no latency)."""
+async def test_latency_of_callback_reads_is_waited_in_the_ring(
+    image: tuple[Path, bytes]
+) -> None:
+    """Over io_uring, reads complete by callback after their latency, which a timeout linked
+    ahead of each read holds in the kernel: each waits at least the latency, they overlap (32
+    reads of 30 ms take far less than 32 x 30 ms), the bytes are right, and each callback
+    comes once. Broken variant: ``submit_read_after(0.0, ...)`` (no latency)."""
     path, data = image
     dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=30)
     done: dict[int, tuple[float, bytes | None, DeviceIOError | None]] = {}
@@ -165,10 +167,10 @@ async def test_delay_line_callback_reads(image: tuple[Path, bytes]) -> None:
     await dev.aclose()
 
 
-async def test_delay_line_fails_queued_reads_on_close(image: tuple[Path, bytes]) -> None:
+async def test_delayed_reads_fail_at_once_on_close(image: tuple[Path, bytes]) -> None:
     """Reads still waiting out their latency when the device closes get an error, once, and
-    nothing hangs. Broken variant: ``aclose`` not failing the queued reads (their callbacks
-    never come: the page cache's readers would sleep forever)."""
+    the close does not wait for their latency. Broken variant: ``aclose`` not cancelling the
+    ring's delays (the close waits out the drain limit, then fails them)."""
     path, _ = image
     dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=10_000)
     errors: list[DeviceIOError | None] = []
