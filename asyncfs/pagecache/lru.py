@@ -175,7 +175,6 @@ class PageLRU:
                 del self.pages[idx]
                 page.lru = LRU_NONE
                 evicted.append(page)
-                self._remember(idx)
                 excess -= 1
             for page in skipped:
                 inactive[page.index] = page
@@ -185,27 +184,29 @@ class PageLRU:
             self._age_active(len(self._active) * 2, force=True)
             if not inactive:
                 break
+        if evicted:
+            self._remember(evicted)
         self.evictions += len(evicted)
         return evicted
 
-    def _remember(self, idx: int) -> None:
-        """Add a shadow entry for reclaimed page ``idx``; forget the oldest group of entries
-        when more than ``max_limit`` are remembered."""
+    def _remember(self, evicted: list[Page]) -> None:
+        """Add shadow entries for reclaimed pages; then forget the oldest groups while more
+        than ``max_limit`` entries are remembered. (A group keeps the age of its first entry.
+        A reclaimed page's bit is never already set: inserting a page clears its bit.)"""
         shadow = self._shadow
-        group = idx >> SHADOW_SHIFT
-        bit = 1 << (idx & SHADOW_MASK)
-        mask = shadow.get(group)
-        if mask is None:
-            shadow[group] = bit
-        elif not mask & bit:
-            shadow[group] = mask | bit
-            shadow.move_to_end(group)
-        else:
-            return
-        self._shadow_n += 1
-        while self._shadow_n > self.max_limit:
+        get = shadow.get
+        for page in evicted:
+            idx = page.index
+            group = idx >> SHADOW_SHIFT
+            mask = get(group)
+            bit = 1 << (idx & SHADOW_MASK)
+            shadow[group] = bit if mask is None else mask | bit
+        n = self._shadow_n + len(evicted)
+        cap = self.max_limit
+        while n > cap:
             _, old = shadow.popitem(last=False)
-            self._shadow_n -= old.bit_count()
+            n -= old.bit_count()
+        self._shadow_n = n
 
     def remembered_near(self, idx: int) -> list[int]:
         """The shadow entries in ``idx``'s group of 64 (ascending): pages reclaimed near a

@@ -138,8 +138,7 @@ GROW_ON_EVERY_INSERT = (
     "self.pages[page.index] = page; self.limit = min(self.limit + 1, self.max_limit)",
 )
 NO_CAP = ("if self.limit < self.max_limit:", "if True:")
-SHADOW_CAP_LIMIT = ("while self._shadow_n > self.max_limit:",
-                    "while self._shadow_n > self.limit:")
+SHADOW_CAP_LIMIT = ("cap = self.max_limit", "cap = self.limit")
 
 
 def break_lru(monkeypatch: pytest.MonkeyPatch, name: str, edit: tuple[str, str]) -> None:
