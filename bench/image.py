@@ -159,17 +159,22 @@ def build_image(out_dir: Path, big_size: int = 2 * GIB, rand_size: int = GIB,
     return man
 
 
+def uncache_file(path: str | Path) -> None:
+    """Drop one file's pages from the host page cache (fsync, then fadvise DONTNEED)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # DONTNEED skips dirty pages; an unsynced file would stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def drop_caches(image: Path) -> str | None:
     """Make the next read cold: fsync + fadvise(DONTNEED) the image, then drop the host caches.
 
     Returns None, or a warning when the host-wide drop was impossible (not root).
     """
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # DONTNEED skips dirty pages; an unsynced image would stay cached
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    uncache_file(image)
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:

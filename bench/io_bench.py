@@ -24,6 +24,7 @@ from typing import Literal
 import trio
 
 from asyncfs.io import open_image
+from bench.image import uncache_file
 
 Backend = Literal["uring", "threads"]
 
@@ -55,17 +56,8 @@ def lay_out(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def run_fio(path: str, w: Workload, seconds: float, direct: bool) -> dict[str, float]:
-    drop_cache(path)
+    uncache_file(path)
     cmd = [
         "fio", "--name=w", f"--filename={path}", "--readonly", "--ioengine=io_uring",
         f"--direct={int(direct)}", f"--rw={'read' if w.sequential else 'randread'}",
@@ -83,7 +75,7 @@ def run_fio(path: str, w: Workload, seconds: float, direct: bool) -> dict[str, f
 async def run_ours(
     path: str, w: Workload, seconds: float, backend: Backend, direct: bool
 ) -> dict[str, float]:
-    drop_cache(path)
+    uncache_file(path)
     dev = await open_image(path, backend=backend, direct=direct)
     size = dev.size
     blocks = size // w.bs

@@ -28,7 +28,6 @@ from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
 from asyncfs.io.device import BlockDevice, ReadCallback
 from asyncfs.pagecache import FileReadahead, PageLRU, ReadaheadWindow, WaitTable
-from asyncfs.pagecache.lru import SHADOW_SHIFT
 from asyncfs.pagecache.page import (
     LRU_ACTIVE,
     PAGE_SHIFT,
@@ -464,18 +463,13 @@ class PageCache:
         lru = self._lru
         last_dev = (self._dev_size - 1) >> PAGE_SHIFT
         budget = lru.headroom
-        done: set[int] = set()
         for idx in refaulted:
-            group = idx >> SHADOW_SHIFT
-            if group in done:
-                continue
-            done.add(group)
+            # A remembered page is never cached, and inserting it forgets it: a group already
+            # brought back (two refaults in one group) yields nothing the second time.
             batch: list[Page] = []
             for j in lru.remembered_near(idx):
                 if budget <= 0 or j > last_dev:
                     break
-                if j in lru.pages:  # pragma: no cover - a remembered page is never cached
-                    continue
                 p = Page(j, PG_LOCKED | PG_RA_UNUSED)
                 lru.insert(p)  # a refault too: grows ``limit`` by this page
                 budget -= 1

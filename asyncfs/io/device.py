@@ -35,7 +35,8 @@ class BlockDevice(Protocol):
 class CallbackReads(Protocol):
     """Optional: backends that can complete a read by calling back instead of waking a task
     (io_uring). ``submit_read`` returns ``False`` when it cannot start the read now (queue
-    full, closed); the caller then uses ``read``. The callback runs on the trio thread, exactly
+    full); the caller then uses ``read``. It may raise ``DeviceIOError`` where ``read`` would
+    (a closed device, a range past the end). The callback runs on the trio thread, exactly
     once, with ``(data, None)`` or ``(None, error)``; ``data`` is a view of the backend's
     buffer, valid only during the call (copy what you keep)."""
 

@@ -175,8 +175,8 @@ class UringDevice(FileDeviceBase):
         """Start a read whose completion calls ``callback(data, None)`` or
         ``callback(None, error)`` on the trio thread, from the scheduler pass that reaps it,
         instead of waking a parked task: a page-cache miss then costs no task of its own.
-        ``False`` (nothing started) when the ring is full or the device is closed or failed;
-        the caller falls back to ``read``. Raises ``DeviceIOError`` for a range past the end."""
+        ``False`` (nothing started) when the ring is full or has failed; the caller falls back
+        to ``read``. Raises ``DeviceIOError`` for a range past the end or a closed device."""
         return self.submit_read_after(0.0, offset, length, callback)
 
     def submit_read_after(
@@ -185,10 +185,8 @@ class UringDevice(FileDeviceBase):
         """``submit_read``, the read starting ``delay`` seconds from now: a timeout linked
         ahead of it in the ring (``IOSQE_IO_LINK``; ``IORING_TIMEOUT_ETIME_SUCCESS`` so its
         expiry does not break the link) holds it back in the kernel."""
-        self._check(offset, length)
+        self._check(offset, length)  # raises once closed
         if length == 0 or len(self._ops) >= self._depth or self._failed is not None:
-            return False
-        if self._closed:
             return False
         fd, direct = self._route(length)
         pos, want, lo = self._span(offset, length, direct)
@@ -209,10 +207,11 @@ class UringDevice(FileDeviceBase):
         return True
 
     def _prep_delay(self, op: _Op, delay: float) -> None:
-        """The timeout SQE that holds back the read prepared right after it."""
+        """The timeout SQE that holds back the read prepared right after it. Room for both is
+        made first: a taken SQE is submitted whatever follows it, and the read's must follow."""
         ring = self._ring
         if lu.io_uring_sq_space_left(ring) < 2:
-            self._flush()  # the timeout and its read must go in the same submission
+            self._flush()
         sqe = lu.io_uring_get_sqe(ring)
         if sqe is None:
             raise OSError(errno.EBUSY, "submission queue full")

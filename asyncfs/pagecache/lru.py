@@ -70,7 +70,7 @@ class PageLRU:
         self.pages: dict[int, Page] = {}
         self._inactive: OrderedDict[int, Page] = OrderedDict()
         self._active: OrderedDict[int, Page] = OrderedDict()
-        # Shadow entries as bitmasks of SHADOW_GROUP pages (a stream's evictions fill whole
+        # Shadow entries as bitmasks of 64 pages (a stream's evictions fill whole
         # groups): ~2 bytes a remembered page instead of ~120 for one dict entry each.
         self._shadow: OrderedDict[int, int] = OrderedDict()
         self._shadow_n = 0  # shadow entries remembered (bits set)
@@ -90,10 +90,10 @@ class PageLRU:
     def insert(self, page: Page) -> None:
         """Add a new page (normally LOCKED) at the young end of the inactive list. The caller
         runs ``shrink`` afterwards, once the new pages are in."""
-        if page.index in self.pages:
-            raise KeyError(f"page {page.index} already cached")
-        self.pages[page.index] = page
         idx = page.index
+        if idx in self.pages:
+            raise KeyError(f"page {idx} already cached")
+        self.pages[idx] = page
         shadow = self._shadow
         if shadow and shadow.get(idx >> SHADOW_SHIFT, 0) >> (idx & SHADOW_MASK) & 1:
             # Refault of a recently reclaimed page: it was part of a working set.
@@ -103,10 +103,10 @@ class PageLRU:
                 # Evicted too early: a bigger cache would have hit. Grow by this page.
                 self.limit += 1
                 self.grown += 1
-            self._active[page.index] = page
+            self._active[idx] = page
             page.lru = LRU_ACTIVE
         else:
-            self._inactive[page.index] = page
+            self._inactive[idx] = page
             page.lru = LRU_INACTIVE
 
     def mark_accessed(self, page: Page) -> None:

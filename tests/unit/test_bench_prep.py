@@ -113,12 +113,7 @@ def test_prime_storage_reads_every_span_and_leaves_no_page_cache(tmp_path: Path)
     """
     p = tmp_path / "img.bin"
     p.write_bytes(os.urandom(1 << 20))
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    img.uncache_file(p)
     try:
         os.close(os.open(p, os.O_RDONLY | os.O_DIRECT))
         direct_ok = True

@@ -19,6 +19,7 @@ from tests.unit.fakes import (
     mutant,
     pattern,
 )
+from tests.unit.test_pagecache_lru import GROW_ON_EVERY_INSERT
 
 DATA = pattern(1 << 20)
 MODES = ["async", "threads"]
@@ -297,12 +298,7 @@ async def test_cache_grows_on_refaults_not_on_a_single_pass(
                    "PageLRU(start_pages)"),
         )
     elif variant == "grow_on_every_insert":
-        monkeypatch.setattr(
-            PageLRU, "insert",
-            mutant(PageLRU, "insert", "self.pages[page.index] = page",
-                   "self.pages[page.index] = page; self.limit = min(self.limit + 1, "
-                   "self.max_limit)"),
-        )
+        monkeypatch.setattr(PageLRU, "insert", mutant(PageLRU, "insert", *GROW_ON_EVERY_INSERT))
     start, ceiling = 64 * PAGE_SIZE, 256 * PAGE_SIZE
     c = PageCache(MemoryDevice(DATA), cache_bytes=start, cache_max_bytes=ceiling,
                   readahead_max=0)

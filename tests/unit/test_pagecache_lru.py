@@ -134,8 +134,8 @@ def read_page(lru: PageLRU, index: int) -> bool:
 
 
 GROW_ON_EVERY_INSERT = (
-    "self.pages[page.index] = page",
-    "self.pages[page.index] = page; self.limit = min(self.limit + 1, self.max_limit)",
+    "self.pages[idx] = page",
+    "self.pages[idx] = page; self.limit = min(self.limit + 1, self.max_limit)",
 )
 NO_CAP = ("if self.limit < self.max_limit:", "if True:")
 SHADOW_CAP_LIMIT = ("cap = self.max_limit", "cap = self.limit")
