@@ -21,6 +21,7 @@ from typing import Any, Protocol, overload
 import trio
 
 from asyncfs.engine.interfaces import DeviceReader, FileMap
+from asyncfs.engine.seen import RecentlySeen
 from asyncfs.engine.volume_htree import dx_lookup
 from asyncfs.engine.volume_maps import (
     EmptyFileMap,
@@ -199,7 +200,7 @@ class Volume:
         )
         self._info: OrderedDict[int, _InodeInfo] = OrderedDict()
         self._ra = DeviceReadahead(reader, device_size, enabled=readahead)
-        self._logged: OrderedDict[object, None] = OrderedDict()
+        self._logged = RecentlySeen(_LOGGED_MAX)
         self._parsed_blocks = 0
         self._overhead = 0
         self._filetype = sb.has_incompat(F.INCOMPAT_FILETYPE)
@@ -356,12 +357,8 @@ class Volume:
         """Log a damaged object once, not on every request that meets it: a loop of ``ls``
         over a damaged directory must not grow the log without bound. The set of keys is
         bounded (oldest forgotten first)."""
-        if key in self._logged:
-            return
-        self._logged[key] = None
-        if len(self._logged) > _LOGGED_MAX:
-            self._logged.popitem(last=False)
-        log.log(level, msg, *args)
+        if self._logged.add(key):
+            log.log(level, msg, *args)
 
     def _bad_csum(self, what: str) -> ChecksumError:
         self.log_once(("csum", what), logging.ERROR, "%s: checksum invalid", what)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import pyfuse3
 import trio
 
+from asyncfs.engine.seen import RecentlySeen
 from asyncfs.errors import AsyncfsError, CorruptionError, DeviceIOError
 from asyncfs.fuse.errnos import errno_for
 from asyncfs.types import Attr, DirEntry, StatFs
@@ -58,8 +58,7 @@ class VolumeLike(Protocol):
 
 # Distinct failure messages already logged: a damaged object is logged once, not on every
 # request that meets it (a loop of `ls -l` must not grow the log without bound).
-_LOGGED: OrderedDict[str, None] = OrderedDict()
-_LOGGED_MAX = 4096
+_LOGGED = RecentlySeen(4096)
 
 # ext4 EXT4_FT_* -> S_IFMT bits, for a readdirplus entry whose inode cannot be read
 _FT_MODE = {1: 0o100000, 2: 0o040000, 3: 0o020000, 4: 0o060000, 5: 0o010000, 6: 0o140000,
@@ -67,12 +66,8 @@ _FT_MODE = {1: 0o100000, 2: 0o040000, 3: 0o020000, 4: 0o060000, 5: 0o010000, 6: 
 
 
 def _log_once(level: int, msg: str, exc: BaseException | None = None) -> None:
-    if msg in _LOGGED:
-        return
-    _LOGGED[msg] = None
-    if len(_LOGGED) > _LOGGED_MAX:
-        _LOGGED.popitem(last=False)
-    log.log(level, msg, exc_info=exc)
+    if _LOGGED.add(msg):
+        log.log(level, msg, exc_info=exc)
 
 
 def _fail(exc: BaseException, what: str) -> NoReturn:
@@ -139,7 +134,7 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
         self._handles: dict[int, Any] = {}
         self._fh_ino: dict[int, int] = {}
         self._open_count: dict[int, int] = {}  # inode -> handles open on it
-        self._pushed: OrderedDict[int, None] = OrderedDict()
+        self._pushed = RecentlySeen(_PUSHED_MAX)
         self.pushed_files = 0
         self._next_fh = 1
         self.requests_failed = 0
@@ -309,9 +304,7 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
             _log_once(logging.DEBUG, f"notify_store of inode {ino} skipped: {exc}")
             return
         self.pushed_files += 1
-        self._pushed[ino] = None
-        if len(self._pushed) > _PUSHED_MAX:
-            self._pushed.popitem(last=False)
+        self._pushed.add(ino)
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
