@@ -66,8 +66,6 @@ _DX_TAIL = 8
 _XATTR_H_CHECKSUM_OFF = 16
 
 
-
-
 def ext4_chksum(seed: int, data: bytes | bytearray | memoryview) -> int:
     """The kernel's ext4_chksum: raw CRC32C of ``data`` continuing from ``seed``."""
     return _crc32c.crc32c(data, value=seed ^ _M) ^ _M  # type: ignore[no-any-return]

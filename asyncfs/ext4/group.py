@@ -36,8 +36,6 @@ class GroupDesc:
     bg_checksum: int
 
 
-
-
 def parse_group_desc(raw: bytes, sb: Superblock) -> GroupDesc:
     """Decode one descriptor of ``sb.desc_size`` bytes."""
     if len(raw) < sb.desc_size:

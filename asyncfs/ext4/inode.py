@@ -107,8 +107,6 @@ class Inode:
         return self.has_flag(EXT4_ENCRYPT_FL)
 
 
-
-
 def _s32(b: bytes, off: int) -> int:
     return int.from_bytes(b[off : off + 4], "little", signed=True)
 

@@ -36,7 +36,6 @@ STATE_VALID_FS = 0x1
 STATE_ERROR_FS = 0x2
 
 
-
 @dataclass(frozen=True, slots=True)
 class Superblock:
     """The decoded fields asyncfs uses, plus derived geometry (``block_size`` etc.)."""

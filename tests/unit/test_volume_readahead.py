@@ -244,7 +244,6 @@ async def test_readers_without_lookup_get_no_readahead() -> None:
     assert ra.cached(12345)
 
 
-
 async def test_start_returns_before_the_window_is_read() -> None:
     """One coalesced backend request per window, started and not waited for.
 
