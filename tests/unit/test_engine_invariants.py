@@ -414,10 +414,11 @@ async def test_inv12_one_backend_read_for_concurrent_misses(
     dev = GatedDevice(DATA)
     c = PageCache(dev)
     res: list[bytes] = []
+    SPAN = 2 * PAGE_SIZE + 1000  # from 0..2900: first byte in page 0, last in page 2
 
     async def reader(i: int) -> None:
-        # every range lies in pages 0-2, whichever reader trio happens to run first
-        res.append(await c.read_dev(i * 100, 2 * PAGE_SIZE))
+        # every range spans exactly pages 0-2, whichever reader trio happens to run first
+        res.append(await c.read_dev(i * 100, SPAN))
 
     async with trio.open_nursery() as n:
         for i in range(30):
@@ -425,7 +426,7 @@ async def test_inv12_one_backend_read_for_concurrent_misses(
         while len(res) < 30:
             await trio.testing.wait_all_tasks_blocked()
             dev.release()
-    assert sorted(res) == sorted(DATA[i * 100 : i * 100 + 2 * PAGE_SIZE] for i in range(30))
+    assert sorted(res) == sorted(DATA[i * 100 : i * 100 + SPAN] for i in range(30))
     assert (c.stats()["backend_reads"] == 1) == (variant == "kernel")
 
 
