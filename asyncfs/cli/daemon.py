@@ -27,6 +27,7 @@ from asyncfs.cli.mountpoint import mount_entry, tune_fuse_connection
 from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import open_stack
 from asyncfs.errors import AsyncfsError, UsageError
+from asyncfs.fuse import request_wait
 from asyncfs.fuse.ops import AsyncfsOperations
 from asyncfs.io import FaultyDevice
 
@@ -78,6 +79,7 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
             except RuntimeError as e:
                 raise AsyncfsError(f"cannot mount on {mountpoint}: {e}") from None
             unmount_needed = True
+            waits = request_wait.install(pyfuse3)
             _tune_gc()
             try:
 
@@ -88,6 +90,8 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
                              uptime_s=round(time.time() - started, 3),
                              requests_failed=ops.requests_failed,
                              pushed_files=ops.pushed_files,
+                             requests_taken_at_once=waits.taken_at_once if waits else None,
+                             requests_waited_for=waits.waited_for if waits else None,
                              device_readahead_windows=stack.volume.device_readahead.windows,
                              log=str(control.log_path(mountpoint)))
                     return s

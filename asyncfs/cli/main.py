@@ -153,10 +153,19 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
         f"{data.get('refault_around_pages', 0)} pages read back around refaults",
         f"kernel    {data.get('pushed_files', 0)} small files stored into the kernel's cache "
         f"at open, {data.get('backend_nowait_reads', 0)} reads served by the host's cache",
+        _requests_line(data),
         f"errors    {data.get('requests_failed', 0)} failed requests (log: {data.get('log')})",
     ]
     print("\n".join(lines))
     return 0
+
+
+def _requests_line(data: dict[str, Any]) -> str:
+    at_once, waited = data.get("requests_taken_at_once"), data.get("requests_waited_for")
+    if at_once is None or waited is None:
+        return "requests  read after pyfuse3's own wait (asyncfs's could not be installed)"
+    return (f"requests  {at_once} taken from a non-empty queue at once, "
+            f"{waited} after waiting for one")
 
 
 def _fault(args: argparse.Namespace) -> int:

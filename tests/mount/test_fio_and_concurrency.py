@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.imagegen import make_image
-from tests.mount.helpers import mounted, regular_files
+from tests.mount.helpers import mounted, regular_files, stats
 
 FIO_SIZE = "24M"
 ENGINES = {
@@ -61,6 +61,24 @@ def test_fio_verifies_through_the_mount(fio_mount: Path, engine: str, name: str,
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "verify failed" not in r.stdout + r.stderr
     assert " err= 0" in r.stdout
+
+
+def test_every_request_goes_through_asyncfs_request_wait(fio_mount: Path) -> None:
+    """With the pinned pyfuse3, the session loop takes its requests through RequestWait (the
+    wait that skips epoll when a request is already queued). Broken variant: install() leaving
+    pyfuse3's own wait in place; the daemon then reports no counts."""
+    before = stats(fio_mount)
+    jobs, ios = 8, 100
+    r = subprocess.run(_fio_job(fio_mount / "fio" / "rand.dat", "--rw=randread", "--readonly",
+                                "--direct=1", f"--numjobs={jobs}", f"--io_size={ios * 4}k",
+                                "--ioengine=psync"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    after = stats(fio_mount)
+    keys = ("requests_taken_at_once", "requests_waited_for")
+    assert all(after[k] is not None for k in keys), after
+    taken = sum(after[k] - before[k] for k in keys)
+    assert taken >= jobs * ios  # at least one request per read, plus opens and lookups
 
 
 def test_32_concurrent_readers_get_correct_bytes(ext4_image: Path, small_tree: Path,

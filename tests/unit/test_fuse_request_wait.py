@@ -1,0 +1,174 @@
+"""RequestWait, the wait for the next FUSE request, over a socket pair standing in for /dev/fuse.
+
+A "request" is one byte on the socket; a worker that was told True reads one byte without
+blocking, exactly as pyfuse3's session loop calls ``fuse_session_receive_buf`` right after the
+wait. Finding nothing to read there is the bug that would block the daemon's only thread.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+
+import pytest
+import trio
+import trio.testing
+
+from asyncfs.fuse import request_wait
+from asyncfs.fuse.request_wait import YIELD_EVERY, RequestWait
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    fuse_end, kernel_end = socket.socketpair()
+    fuse_end.setblocking(False)
+    yield fuse_end, kernel_end
+    fuse_end.close()
+    kernel_end.close()
+
+
+def _take(fuse_end: socket.socket) -> str:
+    try:
+        return "request" if fuse_end.recv(1) else "eof"
+    except BlockingIOError:
+        return "would block"
+
+
+async def test_a_queued_request_is_taken_without_a_checkpoint(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Broken variant: pyfuse3's own order (lock, then wait_readable), which parks in epoll and
+    checkpoints even when the request is already queued."""
+    fuse_end, kernel_end = pair
+    wait = RequestWait(fuse_end.fileno())
+    kernel_end.send(b"r")
+    with trio.testing.assert_no_checkpoints():
+        assert await wait()
+    assert _take(fuse_end) == "request"
+    assert (wait.taken_at_once, wait.waited_for) == (1, 0)
+
+
+async def test_an_empty_queue_parks_until_a_request_comes(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    fuse_end, kernel_end = pair
+    wait = RequestWait(fuse_end.fileno())
+    got: list[str] = []
+
+    async def worker() -> None:
+        assert await wait()
+        got.append(_take(fuse_end))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []  # parked, not spinning and not reading an empty queue
+        kernel_end.send(b"r")
+    assert got == ["request"]
+    assert wait.waited_for == 1
+
+
+async def test_a_woken_reader_asks_again_before_it_reads(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A reader parked in wait_readable is woken by epoll, but a worker taking the fast way may
+    have read that request before the woken one runs. Here ``ready`` (the queue) and the fd's
+    readiness (the wake-up) are driven apart to stage exactly that.
+
+    Broken variant: answering True as soon as wait_readable returns; the worker then reads an
+    empty queue ("would block": in the daemon, a read() that blocks the only thread)."""
+    fuse_end, kernel_end = pair
+    queued = [0]
+    wait = RequestWait(fuse_end.fileno(), ready=lambda: queued[0] > 0)
+    got: list[str] = []
+
+    async def worker() -> None:
+        assert await wait()
+        got.append("request" if queued[0] else "would block")
+        queued[0] -= 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        kernel_end.send(b"w")  # epoll reports the fd readable; the request is already taken
+        for _ in range(5):
+            await trio.sleep(0)  # the parked reader is woken and runs
+        fuse_end.recv(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        queued[0] = 1
+        kernel_end.send(b"r")
+    assert got == ["request"]
+
+
+async def test_a_full_queue_still_lets_other_tasks_run() -> None:
+    """Broken variant: never yielding on the fast way; with requests always queued the worker
+    then never gives trio back, and completions and signals wait forever."""
+    wait = RequestWait(-1, ready=lambda: True)  # the fd is never waited on
+    others = [0]
+
+    async def other_task() -> None:
+        while True:
+            await trio.sleep(0)
+            others[0] += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        calls = 50 * YIELD_EVERY
+        for _ in range(calls):
+            assert await wait()
+        assert others[0] >= calls // YIELD_EVERY // 2, others[0]  # one pass per yield
+        nursery.cancel_scope.cancel()
+
+
+async def test_after_close_every_caller_answers_false(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """pyfuse3.terminate() wakes the parked reader with ClosedResourceError; readers queued
+    behind it must end too. Broken variant: forgetting the close, so the next reader parks in
+    wait_readable on a descriptor nobody will close again (the test's deadline fails it)."""
+    fuse_end, _ = pair
+    wait = RequestWait(fuse_end.fileno())
+    answers: list[bool] = []
+
+    async def worker() -> None:
+        answers.append(await wait())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(worker)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.notify_closing(fuse_end.fileno())
+    assert answers == [False, False, False]
+    assert not await wait()
+
+
+def _module_with_hook() -> SimpleNamespace:
+    async def original() -> bool:
+        return True
+    return SimpleNamespace(_wait_fuse_readable=original, __version__="test")
+
+
+@pytest.mark.parametrize("hook, fds, installed", [
+    (True, [7], True),
+    (False, [7], False),  # a pyfuse3 without the function: keep its loop as it is
+    (True, [], False),  # no session descriptor found
+    (True, [7, 8], False),  # two: cannot tell which is the session's
+])
+def test_install_only_when_pyfuse3_and_the_descriptor_are_known(
+        monkeypatch: pytest.MonkeyPatch, hook: bool, fds: list[int], installed: bool) -> None:
+    module = _module_with_hook() if hook else SimpleNamespace(__version__="test")
+    before: Callable[[], object] | None = getattr(module, "_wait_fuse_readable", None)
+    monkeypatch.setattr(request_wait, "_fuse_fds", lambda: fds)
+    no_poll = SimpleNamespace(register=lambda *a: None)
+    monkeypatch.setattr(request_wait.select, "poll", lambda: no_poll)
+    wait = request_wait.install(module)
+    assert (wait is not None) == installed
+    after = getattr(module, "_wait_fuse_readable", None)
+    assert after is (wait if installed else before)
+
+
+def test_installed_pyfuse3_still_has_the_hook() -> None:
+    """The pinned pyfuse3 must still look the wait up by this name; a release that renames it
+    would silently fall back to its own (slower) wait, so the suite says so here."""
+    import pyfuse3
+
+    assert callable(getattr(pyfuse3, "_wait_fuse_readable", None))
