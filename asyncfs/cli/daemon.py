@@ -109,7 +109,8 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
                     with trio.CancelScope() as fuse_scope:
                         nursery.start_soon(_cancel_after_signal, signalled, detached,
                                            fuse_scope)
-                        await pyfuse3.main(max_tasks=opts.max_tasks)
+                        await pyfuse3.main(min_tasks=min(opts.min_tasks, opts.max_tasks),
+                                           max_tasks=opts.max_tasks)
                     # main() returns when the kernel ends the session (fusermount3 -u, umount)
                     # or after terminate(); either way the mount is finished.
                     # after a lazy unmount the path may hold something else now: leave it be

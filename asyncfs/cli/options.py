@@ -92,6 +92,9 @@ class MountOptions:
     kernel_readahead: int = 1 * 2**20
     max_background: int = 64
     max_tasks: int = 99
+    # idle FUSE workers kept: fewer means a worker started and ended around every burst of
+    # misses (cold random, 32 jobs: ~10k IOPS at 1, 12-13k at 16; docs/benchmarks.md)
+    min_tasks: int = 16
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     faults: bool = False
@@ -170,6 +173,8 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.max_background = _parse_int(need_value(), key, 1, 1024)
     elif key == "max_tasks":
         opts.max_tasks = _parse_int(need_value(), key, 1, 10000)
+    elif key == "min_tasks":
+        opts.min_tasks = _parse_int(need_value(), key, 1, 10000)
     elif key == "latency":
         opts.latency_ms, opts.latency_jitter_ms = parse_latency(need_value())
         if opts.latency_ms + opts.latency_jitter_ms > 60000:

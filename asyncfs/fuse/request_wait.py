@@ -1,27 +1,26 @@
 """The wait for the next FUSE request: take one already queued without a trip through epoll.
 
 pyfuse3's workers each call ``_wait_fuse_readable()`` before they read a request from
-``/dev/fuse``: take a ``trio.Lock``, park in ``trio.lowlevel.wait_readable(fd)``, wake on the
-next epoll round, hand the lock to the next worker. Under load the kernel's queue is rarely
-empty, so every request paid for that round (an ``epoll_ctl``, an ``epoll_wait``, a lock
-hand-off and a scheduler pass) although it was already there. On this machine that bounded
-all-hit reads to ~25k a second and cost most of the daemon's system time on a stream
-(docs/benchmarks.md).
+``/dev/fuse``: count themselves idle, take a ``trio.Lock``, park in
+``trio.lowlevel.wait_readable(fd)``, wake on the next epoll round, hand the lock to the next
+worker. Under load the kernel's queue is rarely empty, so every request paid for that round (an
+``epoll_ctl``, an ``epoll_wait``, a lock hand-off and a scheduler pass) although it was already
+there. On this machine that bounded all-hit reads to ~25k a second (docs/benchmarks.md).
 
-:class:`RequestWait` replaces that function. A worker first asks the fd with ``poll(0)``; if a
+:class:`RequestWait` wraps that function. A worker first asks the fd with ``poll(0)``; if a
 request is queued it returns at once and pyfuse3 reads it in the same step, with no await in
-between, so no other task can take it first. Only an empty queue parks. The rules that keep it
-correct:
+between, so no other task can take it first. Only an empty queue goes through pyfuse3's own
+wait (``park``), which keeps what it does well: one reader in ``wait_readable`` at a time (trio
+allows no more) and its count of idle workers, by which pyfuse3 starts and retires workers.
+The rules that keep it correct:
 
-- one reader parks in ``wait_readable`` at a time (trio allows no more); the others queue on
-  the lock behind it;
-- a parked reader that wakes asks ``poll(0)`` again before it answers True: a worker taking
-  the fast way may have read the request that woke it, and reading an empty queue would block
-  the whole thread in ``read()``;
+- a parked reader that wakes asks ``poll(0)`` again before it answers True, and parks again if
+  the queue is empty: a worker taking the fast way may have read the request that woke it, and
+  reading an empty queue would block the whole thread in ``read()``;
 - after every ``YIELD_EVERY`` calls the worker yields to the scheduler, so completions,
   signals and the control socket still run when the queue never drains;
-- once the fd is closed (``pyfuse3.terminate``) every caller answers False, as pyfuse3's own
-  function does by checking the session's exit flag, which Python cannot see.
+- once pyfuse3's wait has answered False (``pyfuse3.terminate``: the session is over) every
+  later caller answers False too, even with requests still queued.
 
 :func:`install` puts it in place only when pyfuse3 has the function this was written against
 and the process holds exactly one ``/dev/fuse`` descriptor; otherwise pyfuse3 keeps its own.
@@ -44,10 +43,13 @@ _PYFUSE3_HOOK = "_wait_fuse_readable"  # pyfuse3 3.x: the session loop looks it 
 
 
 class RequestWait:
-    """``async () -> bool``: True when a request can be read without blocking, False at close."""
+    """``async () -> bool``: True when a request can be read without blocking, False at close.
 
-    def __init__(self, fd: int, ready: Callable[[], bool] | None = None) -> None:
-        self.fd = fd
+    ``park`` is pyfuse3's own wait (its lock, its count of idle workers, ``wait_readable``),
+    used only when the queue is empty."""
+
+    def __init__(self, fd: int, park: Callable[[], Awaitable[bool]],
+                 ready: Callable[[], bool] | None = None) -> None:
         if ready is None:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
@@ -56,7 +58,7 @@ class RequestWait:
                 return bool(poller.poll(0))  # POLLERR/POLLHUP too: the read then reports it
 
         self._ready = ready
-        self._lock = trio.Lock()  # held by the one reader that may park in wait_readable
+        self.park = park
         self._closed = False
         self._since_yield = 0
         self.taken_at_once = 0
@@ -72,17 +74,12 @@ class RequestWait:
         if self._ready():
             self.taken_at_once += 1
             return True
-        try:
-            async with self._lock:
-                while not self._closed and not self._ready():
-                    await trio.lowlevel.wait_readable(self.fd)
-                if self._closed:
-                    return False
-        except trio.ClosedResourceError:
-            self._closed = True
-            return False
-        self.waited_for += 1
-        return True
+        while await self.park():
+            if self._ready():
+                self.waited_for += 1
+                return True
+        self._closed = True
+        return False
 
 
 def _fuse_fds() -> list[int]:
@@ -108,6 +105,8 @@ def install(pyfuse3_module: Any) -> RequestWait | None:
     if len(fds) != 1:
         log.info("%d /dev/fuse descriptors open; keeping pyfuse3's own request wait", len(fds))
         return None
-    wait = RequestWait(fds[0])
+    if isinstance(original, RequestWait):  # a second session in this process
+        original = original.park
+    wait = RequestWait(fds[0], original)
     setattr(pyfuse3_module, _PYFUSE3_HOOK, wait)
     return wait

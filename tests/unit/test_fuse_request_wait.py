@@ -28,6 +28,33 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     kernel_end.close()
 
 
+class Pyfuse3Park:
+    """pyfuse3's own ``_wait_fuse_readable``, in its steps: a lock so one reader at a time
+    waits on the fd, ``wait_readable``, and False once the fd is closed (the session's exit)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = trio.Lock()
+        self.exited = False
+        self.calls = 0
+
+    async def __call__(self) -> bool:
+        self.calls += 1
+        try:
+            async with self.lock:
+                if self.exited:
+                    return False
+                await trio.lowlevel.wait_readable(self.fd)
+        except trio.ClosedResourceError:
+            self.exited = True
+            return False
+        return True
+
+
+def _wait(fuse_end: socket.socket, ready: Callable[[], bool] | None = None) -> RequestWait:
+    return RequestWait(fuse_end.fileno(), Pyfuse3Park(fuse_end.fileno()), ready)
+
+
 def _take(fuse_end: socket.socket) -> str:
     try:
         return "request" if fuse_end.recv(1) else "eof"
@@ -37,10 +64,10 @@ def _take(fuse_end: socket.socket) -> str:
 
 async def test_a_queued_request_is_taken_without_a_checkpoint(
         pair: tuple[socket.socket, socket.socket]) -> None:
-    """Broken variant: pyfuse3's own order (lock, then wait_readable), which parks in epoll and
+    """Broken variant: going through pyfuse3's wait every time, which parks in epoll and
     checkpoints even when the request is already queued."""
     fuse_end, kernel_end = pair
-    wait = RequestWait(fuse_end.fileno())
+    wait = _wait(fuse_end)
     kernel_end.send(b"r")
     with trio.testing.assert_no_checkpoints():
         assert await wait()
@@ -51,7 +78,7 @@ async def test_a_queued_request_is_taken_without_a_checkpoint(
 async def test_an_empty_queue_parks_until_a_request_comes(
         pair: tuple[socket.socket, socket.socket]) -> None:
     fuse_end, kernel_end = pair
-    wait = RequestWait(fuse_end.fileno())
+    wait = _wait(fuse_end)
     got: list[str] = []
 
     async def worker() -> None:
@@ -73,11 +100,11 @@ async def test_a_woken_reader_asks_again_before_it_reads(
     have read that request before the woken one runs. Here ``ready`` (the queue) and the fd's
     readiness (the wake-up) are driven apart to stage exactly that.
 
-    Broken variant: answering True as soon as wait_readable returns; the worker then reads an
+    Broken variant: answering True as soon as pyfuse3's wait returns; the worker then reads an
     empty queue ("would block": in the daemon, a read() that blocks the only thread)."""
     fuse_end, kernel_end = pair
     queued = [0]
-    wait = RequestWait(fuse_end.fileno(), ready=lambda: queued[0] > 0)
+    wait = _wait(fuse_end, ready=lambda: queued[0] > 0)
     got: list[str] = []
 
     async def worker() -> None:
@@ -102,7 +129,10 @@ async def test_a_woken_reader_asks_again_before_it_reads(
 async def test_a_full_queue_still_lets_other_tasks_run() -> None:
     """Broken variant: never yielding on the fast way; with requests always queued the worker
     then never gives trio back, and completions and signals wait forever."""
-    wait = RequestWait(-1, ready=lambda: True)  # the fd is never waited on
+    async def never() -> bool:
+        raise AssertionError("the queue is never empty here")
+
+    wait = RequestWait(-1, never, ready=lambda: True)
     others = [0]
 
     async def other_task() -> None:
@@ -121,11 +151,11 @@ async def test_a_full_queue_still_lets_other_tasks_run() -> None:
 
 async def test_after_close_every_caller_answers_false(
         pair: tuple[socket.socket, socket.socket]) -> None:
-    """pyfuse3.terminate() wakes the parked reader with ClosedResourceError; readers queued
-    behind it must end too. Broken variant: forgetting the close, so the next reader parks in
-    wait_readable on a descriptor nobody will close again (the test's deadline fails it)."""
-    fuse_end, _ = pair
-    wait = RequestWait(fuse_end.fileno())
+    """pyfuse3.terminate() wakes the parked reader with ClosedResourceError and pyfuse3's wait
+    answers False; a request still queued must not be read after that. Broken variant:
+    forgetting the close, so the next caller takes the queued request at once."""
+    fuse_end, kernel_end = pair
+    wait = _wait(fuse_end)
     answers: list[bool] = []
 
     async def worker() -> None:
@@ -138,6 +168,7 @@ async def test_after_close_every_caller_answers_false(
             await trio.testing.wait_all_tasks_blocked()
             trio.lowlevel.notify_closing(fuse_end.fileno())
     assert answers == [False, False, False]
+    kernel_end.send(b"r")
     assert not await wait()
 
 
@@ -164,6 +195,10 @@ def test_install_only_when_pyfuse3_and_the_descriptor_are_known(
     assert (wait is not None) == installed
     after = getattr(module, "_wait_fuse_readable", None)
     assert after is (wait if installed else before)
+    if wait is not None:
+        assert wait.park is before  # pyfuse3's own wait is kept for an empty queue
+        again = request_wait.install(module)  # a second session in the same process
+        assert again is not None and again.park is before
 
 
 def test_installed_pyfuse3_still_has_the_hook() -> None:
