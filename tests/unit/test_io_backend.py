@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from asyncfs.errors import DeviceIOError, ImageError
 from asyncfs.io import DIRECT_MIN, ThreadDevice, UringDevice, open_image
+from asyncfs.io.filedev import PROBE_BACKOFF, PROBE_SAMPLE
 
 IMAGE_SIZE = 3 * (1 << 20) + 777  # odd: the last O_DIRECT read is short
 WINDOW = (511, IMAGE_SIZE - 511 - 4099)  # a partition starting and ending off any alignment
@@ -113,6 +114,45 @@ async def test_read_nowait(image: tuple[Path, bytes], backend: str) -> None:
     ddev = await open_image(path, backend=backend, direct=True)  # type: ignore[arg-type]
     assert ddev.read_nowait(8192, 4096) is None
     await ddev.aclose()
+
+
+@pytest.mark.parametrize("backend", ["uring", "threads"])
+async def test_probe_backs_off_while_cold_and_resumes_once_cached(tmp_path: Path,
+                                                                backend: str) -> None:
+    """After PROBE_BACKOFF probe misses in a row only one call in PROBE_SAMPLE issues the
+    syscall; the first sampled probe that finds the bytes cached ends the back-off.
+    Broken variants: no back-off (nothing is ever skipped); a hit that does not reset the
+    count of misses (after the sampled hit, cached pages are skipped again)."""
+    path = tmp_path / "img"
+    calls = PROBE_BACKOFF + 2 * PROBE_SAMPLE
+    step = 64 * 4096  # a probe that misses starts a read of its page (and maybe around it)
+    data = random.Random(6).randbytes((calls + 1) * step)  # open_image reads the first page
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    dev = await open_image(path, backend=backend, direct=False)  # type: ignore[arg-type]
+
+    def probe(i: int) -> bytes | None:
+        return dev.read_nowait((i + 1) * step, 4096)
+
+    try:
+        for i in range(PROBE_BACKOFF):  # cold: every probe misses, none skipped yet
+            assert probe(i) is None
+        assert dev.probes_skipped == 0  # type: ignore[attr-defined]
+        for i in range(PROBE_BACKOFF, PROBE_BACKOFF + PROBE_SAMPLE - 1):
+            assert probe(i) is None
+        assert dev.probes_skipped == PROBE_SAMPLE - 1  # type: ignore[attr-defined]
+        assert path.read_bytes() == data  # now the host caches it all
+        first = PROBE_BACKOFF + PROBE_SAMPLE - 1  # the sampled call: it probes, and hits
+        got = [probe(i) for i in range(first, calls)]
+        assert got == [data[(i + 1) * step : (i + 1) * step + 4096] for i in range(first, calls)]
+        assert dev.probes_skipped == PROBE_SAMPLE - 1  # type: ignore[attr-defined]
+    finally:
+        await dev.aclose()
 
 
 def _host_caches(path: Path, off: int, length: int) -> bool:
