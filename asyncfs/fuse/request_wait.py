@@ -38,7 +38,7 @@ import trio
 
 log = logging.getLogger("asyncfs")
 
-YIELD_EVERY = 32  # requests taken at once between two scheduler passes
+YIELD_EVERY = 32  # calls between two forced scheduler passes
 _PYFUSE3_HOOK = "_wait_fuse_readable"  # pyfuse3 3.x: the session loop looks it up by name
 
 
@@ -94,7 +94,7 @@ def _fuse_fds() -> list[int]:
 
 
 def install(pyfuse3_module: Any) -> RequestWait | None:
-    """Replace pyfuse3's wait after ``pyfuse3.init``; None (and pyfuse3's own wait kept) when
+    """Wrap pyfuse3's wait after ``pyfuse3.init``; None (and pyfuse3's own wait kept) when
     this pyfuse3 has no such function or the session's descriptor cannot be told apart."""
     original: Callable[[], Awaitable[bool]] | None = getattr(pyfuse3_module, _PYFUSE3_HOOK, None)
     if original is None or not callable(original):

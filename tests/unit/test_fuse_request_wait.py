@@ -36,10 +36,8 @@ class Pyfuse3Park:
         self.fd = fd
         self.lock = trio.Lock()
         self.exited = False
-        self.calls = 0
 
     async def __call__(self) -> bool:
-        self.calls += 1
         try:
             async with self.lock:
                 if self.exited:
