@@ -79,7 +79,9 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
             except RuntimeError as e:
                 raise AsyncfsError(f"cannot mount on {mountpoint}: {e}") from None
             unmount_needed = True
-            waits = request_wait.install(pyfuse3)
+            cache = stack.cache
+            waits = request_wait.install(pyfuse3, may_spin=lambda: not cache.inflight_io,
+                                         spin_s=opts.spin_us / 1e6)
             _tune_gc()
             try:
 

@@ -95,6 +95,7 @@ class MountOptions:
     # idle FUSE workers kept: fewer means a worker started and ended around every burst of
     # misses (cold random, 32 jobs: ~10k IOPS at 1, 12-13k at 16; docs/benchmarks.md)
     min_tasks: int = 16
+    spin_us: int = 50  # watch an empty request queue this long before parking (0: never)
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     faults: bool = False
@@ -175,6 +176,8 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.max_tasks = _parse_int(need_value(), key, 1, 10000)
     elif key == "min_tasks":
         opts.min_tasks = _parse_int(need_value(), key, 1, 10000)
+    elif key == "spin":
+        opts.spin_us = _parse_int(need_value(), key, 0, 1000)
     elif key == "latency":
         opts.latency_ms, opts.latency_jitter_ms = parse_latency(need_value())
         if opts.latency_ms + opts.latency_jitter_ms > 60000:

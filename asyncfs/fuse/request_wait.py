@@ -19,6 +19,10 @@ The rules that keep it correct:
   reading an empty queue would block the whole thread in ``read()``;
 - after every ``YIELD_EVERY`` calls the worker yields to the scheduler, so completions,
   signals and the control socket still run when the queue never drains;
+- an empty queue is watched for up to ``spin_s`` (50 µs by default) before parking, but only
+  while ``may_spin()`` says nothing else can need the thread (the daemon: no backend read in
+  flight) and no other task is runnable. A lone reader's next request usually arrives within
+  that time (fio, 1 job, cached: 18.5k -> 27-31k IOPS); parking and waking cost more;
 - once pyfuse3's wait has answered False (``pyfuse3.terminate``: the session is over) every
   later caller answers False too, even with requests still queued.
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +44,7 @@ import trio
 log = logging.getLogger("asyncfs")
 
 YIELD_EVERY = 32  # calls between two forced scheduler passes
+SPIN_S = 50e-6  # default watch of an empty queue before parking
 _PYFUSE3_HOOK = "_wait_fuse_readable"  # pyfuse3 3.x: the session loop looks it up by name
 
 
@@ -49,7 +55,8 @@ class RequestWait:
     used only when the queue is empty."""
 
     def __init__(self, fd: int, park: Callable[[], Awaitable[bool]],
-                 ready: Callable[[], bool] | None = None) -> None:
+                 ready: Callable[[], bool] | None = None, *,
+                 may_spin: Callable[[], bool] | None = None, spin_s: float = SPIN_S) -> None:
         if ready is None:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
@@ -59,6 +66,8 @@ class RequestWait:
 
         self._ready = ready
         self.park = park
+        self._may_spin = may_spin
+        self._spin_s = spin_s
         self._closed = False
         self._since_yield = 0
         self.taken_at_once = 0
@@ -71,7 +80,7 @@ class RequestWait:
             await trio.lowlevel.checkpoint()
         if self._closed:
             return False
-        if self._ready():
+        if self._ready() or self._spin():
             self.taken_at_once += 1
             return True
         while await self.park():
@@ -79,6 +88,19 @@ class RequestWait:
                 self.waited_for += 1
                 return True
         self._closed = True
+        return False
+
+
+    def _spin(self) -> bool:
+        """Watch the empty queue for up to ``spin_s``; True as soon as a request is queued."""
+        if self._spin_s <= 0 or self._may_spin is None or not self._may_spin():
+            return False
+        if trio.lowlevel.current_statistics().tasks_runnable:
+            return False
+        deadline = time.perf_counter() + self._spin_s
+        while time.perf_counter() < deadline:
+            if self._ready():
+                return True
         return False
 
 
@@ -93,7 +115,8 @@ def _fuse_fds() -> list[int]:
     return found
 
 
-def install(pyfuse3_module: Any) -> RequestWait | None:
+def install(pyfuse3_module: Any, *, may_spin: Callable[[], bool] | None = None,
+            spin_s: float = SPIN_S) -> RequestWait | None:
     """Wrap pyfuse3's wait after ``pyfuse3.init``; None (and pyfuse3's own wait kept) when
     this pyfuse3 has no such function or the session's descriptor cannot be told apart."""
     original: Callable[[], Awaitable[bool]] | None = getattr(pyfuse3_module, _PYFUSE3_HOOK, None)
@@ -107,6 +130,6 @@ def install(pyfuse3_module: Any) -> RequestWait | None:
         return None
     if isinstance(original, RequestWait):  # a second session in this process
         original = original.park
-    wait = RequestWait(fds[0], original)
+    wait = RequestWait(fds[0], original, may_spin=may_spin, spin_s=spin_s)
     setattr(pyfuse3_module, _PYFUSE3_HOOK, wait)
     return wait

@@ -21,13 +21,14 @@ def test_sizes() -> None:
 
 def test_full_option_set() -> None:
     o = parse_options(["partition=2,cache_size=64M", "direct_io,wait=threads,threads=4",
-                       "readahead=1M,max_tasks=200,min_tasks=4,latency=1.5,nocsum,allow_other",
+                       "readahead=1M,max_tasks=200,min_tasks=4,spin=0,latency=1.5,nocsum,allow_other",
                        "debug,ro"])
     assert (o.partition, o.cache_size, o.direct_io, o.wait, o.threads) == (2, 64 << 20, True,
                                                                            "threads", 4)
     assert (o.readahead, o.max_tasks, o.latency_ms, o.verify_csum, o.debug) == (1 << 20, 200,
                                                                                 1.5, False, True)
-    assert o.min_tasks == 4
+    assert (o.min_tasks, o.spin_us) == (4, 0)
+    assert parse_options([]).spin_us == 50
     assert "allow_other" in o.fuse_options("x.img")
     assert "ro" in o.fuse_options("x.img")
 

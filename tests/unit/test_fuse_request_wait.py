@@ -8,6 +8,7 @@ wait. Finding nothing to read there is the bug that would block the daemon's onl
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
@@ -168,6 +169,59 @@ async def test_after_close_every_caller_answers_false(
     assert answers == [False, False, False]
     kernel_end.send(b"r")
     assert not await wait()
+
+
+async def test_a_request_arriving_during_the_spin_is_taken_without_parking(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A lone reader's next request comes within microseconds of the reply; watching the
+    empty queue that long beats parking and waking. Broken variant: no spin (the worker parks,
+    a checkpoint)."""
+    fuse_end, kernel_end = pair
+    wait = RequestWait(fuse_end.fileno(), Pyfuse3Park(fuse_end.fileno()),
+                       may_spin=lambda: True, spin_s=5.0)
+    later = threading.Timer(0.02, kernel_end.send, (b"r",))  # the reader, in its own thread
+    later.start()
+    try:
+        with trio.testing.assert_no_checkpoints():
+            assert await wait()
+    finally:
+        later.join()
+    assert _take(fuse_end) == "request"
+    assert (wait.taken_at_once, wait.waited_for) == (1, 0)
+
+
+def _counting(queued: list[int], calls: list[int]) -> Callable[[], bool]:
+    def ready() -> bool:
+        calls[0] += 1
+        return queued[0] > 0
+    return ready
+
+
+@pytest.mark.parametrize("may_spin, spin_s", [(False, 1.0), (True, 0.01)])
+async def test_the_spin_only_when_allowed_and_only_so_long(
+        pair: tuple[socket.socket, socket.socket], may_spin: bool, spin_s: float) -> None:
+    """No spin while ``may_spin`` says no (the daemon: a backend read in flight, whose
+    completion must not wait behind it), and a bounded one otherwise: then the worker parks.
+    Broken variants: ignoring ``may_spin`` (ready() asked over and over for a second);
+    no spin at all (ready() asked once or twice, also with leave to spin)."""
+    fuse_end, kernel_end = pair
+    queued, calls = [0], [0]
+    wait = RequestWait(fuse_end.fileno(), Pyfuse3Park(fuse_end.fileno()),
+                       _counting(queued, calls), may_spin=lambda: may_spin, spin_s=spin_s)
+    got: list[bool] = []
+
+    async def worker() -> None:
+        got.append(await wait())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # parked
+            assert (calls[0] > 10) == may_spin, calls[0]
+            queued[0] = 1
+            kernel_end.send(b"r")
+    assert got == [True]
 
 
 def _module_with_hook() -> SimpleNamespace:
