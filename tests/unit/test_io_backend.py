@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from asyncfs.errors import DeviceIOError, ImageError
 from asyncfs.io import DIRECT_MIN, ThreadDevice, UringDevice, open_image
 from asyncfs.io.filedev import PROBE_BACKOFF, PROBE_SAMPLE
+from bench.image import uncache_file
 
 IMAGE_SIZE = 3 * (1 << 20) + 777  # odd: the last O_DIRECT read is short
 WINDOW = (511, IMAGE_SIZE - 511 - 4099)  # a partition starting and ending off any alignment
@@ -128,12 +129,7 @@ async def test_probe_backs_off_while_cold_and_resumes_once_cached(tmp_path: Path
     step = 64 * 4096  # a probe that misses starts a read of its page (and maybe around it)
     data = random.Random(6).randbytes((calls + 1) * step)  # open_image reads the first page
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    uncache_file(path)
     dev = await open_image(path, backend=backend, direct=False)  # type: ignore[arg-type]
 
     def probe(i: int) -> bytes | None:
@@ -175,11 +171,8 @@ async def test_hybrid_routes_large_reads_past_the_host_cache(tmp_path: Path,
     sending every read to the buffered descriptor (the large range lands in the host cache)."""
     path = tmp_path / "img"
     data = random.Random(5).randbytes(4 << 20)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    path.write_bytes(data)
+    uncache_file(path)
     dev = await open_image(path, backend=backend)  # type: ignore[arg-type]
     try:
         assert dev.hybrid  # type: ignore[attr-defined]
