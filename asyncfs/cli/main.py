@@ -141,7 +141,8 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
         f"wait={data.get('wait_mode')}",
         f"cache     {int(data.get('cache_bytes', 0)) / mib:.1f} / "
         f"{limit / mib:.1f} MiB{grows} in "
-        f"{data.get('pages_cached')} pages, {hits} hits / {misses} misses ({ratio:.1%}), "
+        f"{data.get('pages_cached')} pages ({data.get('frames_mapped', 0)} page frames mapped), "
+        f"{hits} hits / {misses} misses ({ratio:.1%}), "
         f"{data.get('evictions')} evictions",
         f"backend   {data.get('backend_reads')} reads, "
         f"{int(data.get('backend_bytes', 0)) / mib:.1f} MiB, {data.get('inflight_io')} in flight",

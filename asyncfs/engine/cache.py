@@ -23,10 +23,11 @@ from typing import Literal
 
 import trio
 
+from asyncfs.engine.arena import PageArena
 from asyncfs.engine.interfaces import FileMap
 from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
-from asyncfs.io.device import BlockDevice, ReadCallback
+from asyncfs.io.device import BlockDevice, IntoCallback, ReadCallback
 from asyncfs.pagecache import FileReadahead, PageLRU, ReadaheadWindow, WaitTable
 from asyncfs.pagecache.page import (
     LRU_ACTIVE,
@@ -90,8 +91,10 @@ class PageCache:
         threads: int = 16,
         readahead_max: int = 128 * 1024,
         wait_table_bits: int = 8,
+        arena: PageArena | None = None,
     ) -> None:
         self._dev = device
+        self._arena = arena if arena is not None else PageArena()
         self._dev_size = device.size
         # ``cache_bytes`` is where the cache starts; it grows towards ``cache_max_bytes`` only
         # on refaults (PageLRU), so a stream never pays for touching the larger ceiling.
@@ -109,6 +112,11 @@ class PageCache:
         self._submit_read: Callable[[int, int, ReadCallback], bool] | None = (
             submit_read if callable(submit_read) else None
         )
+        # Backends that read straight into the pages' frames (``IntoReads``).
+        self._submit_into: Callable[[int, list[memoryview], IntoCallback], bool] | None = (
+            getattr(device, "submit_read_into", None))
+        self._nowait_into: Callable[[int, list[memoryview]], bool] | None = getattr(
+            device, "read_nowait_into", None)
         # Reads started through ``submit_read``, by key, until their callback (or aclose).
         self._cb_reads: dict[int, list[Page]] = {}
         self._cb_next = 0
@@ -139,6 +147,10 @@ class PageCache:
         return self._waiter
 
     @property
+    def arena(self) -> PageArena:
+        return self._arena
+
+    @property
     def device_size(self) -> int:
         return self._dev_size
 
@@ -159,6 +171,7 @@ class PageCache:
             "wakeups": self._wt.wakeups,
             "inflight_io": self.inflight_io,
             "pages_cached": n,
+            "frames_mapped": self._arena.frames,
             "cache_bytes": n * PAGE_SIZE,
             "cache_limit_bytes": self._lru.limit * PAGE_SIZE,
             "cache_max_bytes": self._lru.max_limit * PAGE_SIZE,
@@ -186,6 +199,7 @@ class PageCache:
                 f"read of {length} bytes at {off} is outside the device ({self._dev_size} bytes)"
             )
         self._check_open()
+        self._arena.quiesce()  # this task holds no frame views now (see _own_parts)
         parts: list[bytes | bytearray | memoryview] = []
         got = self._copy_prefix(off, end, parts, None)
         if got < end:
@@ -216,6 +230,7 @@ class PageCache:
         end = min(off + size, fsize)
         self._check_open()
         runs = await fmap.map(off, end - off)
+        self._arena.quiesce()  # this task holds no frame views now (see _own_parts)
         fra = ra if isinstance(ra, FileReadahead) and self._ra_pages else None
         ctx: _FileCtx | None = None
         parts: list[bytes | bytearray | memoryview] = []
@@ -261,8 +276,12 @@ class PageCache:
         if fra is not None:
             fra.note_read((end - 1) >> PAGE_SHIFT)
         if len(parts) == 1:
+            # Never hand out a view of a frame: the caller may hold it past this step, and
+            # the frame may then be reused. (Zeros of a hole are immutable.)
             p = parts[0]
-            return bytes(p) if isinstance(p, bytearray) else p
+            if isinstance(p, bytes) or (type(p) is memoryview and p.obj is _ZEROS):
+                return p
+            return bytes(p)
         return b"".join(parts)
 
     async def lock_page(self, page: Page) -> None:
@@ -283,6 +302,7 @@ class PageCache:
         # the callback, when it comes, finds nothing to do.
         cb_reads, self._cb_reads = self._cb_reads, {}
         for pages in cb_reads.values():
+            self._drop_frames(pages)  # still the target of a read in the kernel
             self._complete(pages, None, "page cache closed", pages[0].index << PAGE_SHIFT, 0)
         if self.inflight_io:
             self._idle = trio.Event()
@@ -365,6 +385,7 @@ class PageCache:
             page = pages.get(idx)
             if page is None and ctx is not None and not ctx.ra_done:
                 ctx.ra_done = True
+                self._own_parts(parts)
                 await self._sync_readahead(ctx, idx)
                 continue  # (this stop is counted below, when the step looks again)
             self.misses += 1  # the page this read needs next is not UPTODATE
@@ -374,17 +395,23 @@ class PageCache:
                 continue  # completed by the RWF_NOWAIT probe: copy it in this same step
             if not page.flags & PG_LOCKED:
                 # !UPTODATE and unlocked: the seed's lock_page_async path, then read again.
+                self._own_parts(parts)
                 await self._lock_and_retry(page)
                 continue
             if nowait:
                 raise WouldBlockError(f"device page {idx} needs I/O")
-            if parts and (len(parts) > 1 or not isinstance(parts[0], bytearray)):
-                # Parked readers pin nothing: copy out what they have so far, so no page
-                # bytes stay referenced by a sleeping request (§4.14).
-                joined = bytearray().join(parts)
-                parts.clear()
-                parts.append(joined)
+            self._own_parts(parts)
             await self._wait_unlocked(page)
+
+    def _own_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Before a read step ends (an ``await``): copy out the bytes gathered so far, so the
+        sleeping request pins no page (§4.14) and holds no view of a frame, which may be
+        reused once this step ends. Frames freed until now may then be reused."""
+        if parts and (len(parts) > 1 or not isinstance(parts[0], bytearray)):
+            joined = bytearray().join(parts)
+            parts.clear()
+            parts.append(joined)
+        self._arena.quiesce()
 
     async def _wait_unlocked(self, page: Page) -> None:
         """Park until ``page`` unlocks (``wait_on_page_locked_async``). EIO if its I/O
@@ -577,9 +604,30 @@ class PageCache:
         off = pages[0].index << PAGE_SHIFT
         return off, min(len(pages) << PAGE_SHIFT, self._dev_size - off)
 
+    def _frames(self, pages: list[Page], length: int) -> list[memoryview]:
+        """The frames of ``pages`` (given one where a page has none), the last one cut to
+        the device's end: what a read of ``length`` bytes into them fills."""
+        alloc = self._arena.alloc
+        views = []
+        for p in pages:
+            frame = p.data
+            if not isinstance(frame, memoryview):
+                frame = p.data = alloc()
+            views.append(frame)
+        tail = length - ((len(pages) - 1) << PAGE_SHIFT)
+        if tail < PAGE_SIZE:
+            views[-1] = views[-1][:tail]
+        return views
+
+    def _drop_frames(self, pages: list[Page]) -> None:
+        """Forget the frames of pages whose read the kernel may still be writing: they are
+        never reused (the pages get new ones if read again)."""
+        for p in pages:
+            p.data = b""
+
     def _submit(self, pages: list[Page]) -> None:
-        """Start one backend read for contiguous LOCKED pages (a system task: a reader's
-        cancellation must not cancel I/O that others wait on).
+        """Start one backend read for contiguous LOCKED pages, into their frames (a system
+        task: a reader's cancellation must not cancel I/O that others wait on).
 
         First the non-blocking probe (``preadv2(RWF_NOWAIT)`` in buffered backends): if the
         host already caches the bytes, the pages complete right here, with no task, park or
@@ -589,22 +637,55 @@ class PageCache:
         self.backend_reads += 1
         if not self._closed:
             off, length = self._span(pages)
-            got = self._dev.read_nowait(off, length)
-            if got is not None and len(got) == length:
-                self.backend_nowait_reads += 1
-                self._complete(pages, got, None, off, length, reclaim=False)
-                return
+            if self._submit_into is not None and self._nowait_into is not None:
+                views = self._frames(pages, length)
+                if self._nowait_into(off, views):
+                    self.backend_nowait_reads += 1
+                    self._complete(pages, None, None, off, length, filled=True, reclaim=False)
+                    return
+                key = self._cb_next
+                self._cb_next = key + 1
+                try:
+                    started = self._submit_into(off, views, partial(self._into_done, key))
+                except DeviceIOError:
+                    started = False  # the task path reports it to the readers
+                if started:
+                    self._cb_reads[key] = pages
+                    return
+            else:
+                got = self._dev.read_nowait(off, length)
+                if got is not None and len(got) == length:
+                    self.backend_nowait_reads += 1
+                    self._complete(pages, got, None, off, length, reclaim=False)
+                    return
             if self._submit_read is not None:
                 key = self._cb_next
                 self._cb_next = key + 1
                 try:
                     started = self._submit_read(off, length, partial(self._read_done, key))
                 except DeviceIOError:
-                    started = False  # the task path reports it to the readers
+                    started = False
                 if started:
                     self._cb_reads[key] = pages
                     return
         trio.lowlevel.spawn_system_task(self._io_task, pages, name="asyncfs-pageio")
+
+    def _into_done(self, key: int, err: DeviceIOError | None, released: bool) -> None:
+        """Completion of a ``submit_read_into`` read, on the trio thread (``end_page_read``):
+        the frames hold the bytes, or ``err``; ``released`` False means the kernel may still
+        write the frames (the backend failed with the read in flight)."""
+        pages = self._cb_reads.pop(key, None)
+        if pages is None:
+            return  # aclose already failed these pages
+        off, length = self._span(pages)
+        if err is not None and not released:
+            self._drop_frames(pages)
+        if err is not None and len(pages) > 1 and not self._closed:
+            trio.lowlevel.spawn_system_task(self._retry_pages, pages, off, length,
+                                            name="asyncfs-pageio-retry")
+            return
+        self._complete(pages, None, None if err is None else str(err), off, length,
+                       filled=err is None)
 
     def _read_done(self, key: int, buf: memoryview | None, err: DeviceIOError | None) -> None:
         """Completion of a ``submit_read`` read, on the trio thread (``end_page_read``).
@@ -687,26 +768,26 @@ class PageCache:
         off: int,
         length: int,
         *,
+        filled: bool = False,
         reclaim: bool = True,
     ) -> None:
-        """``end_page_read``: set exactly one of UPTODATE/ERROR, unlock, wake (§4.10)."""
+        """``end_page_read``: set exactly one of UPTODATE/ERROR, unlock, wake (§4.10). The
+        bytes are ``buf`` (copied into the frames) or, when ``filled``, already in them."""
         self.inflight_io -= 1
         wt = self._wt
-        if buf is not None:
+        if buf is not None or filled:
             self.backend_bytes += length
-            if len(pages) == 1 and isinstance(buf, bytes):
-                p = pages[0]
-                p.data = buf
-                p.flags = (p.flags & ~PG_ERROR) | PG_UPTODATE
-                wt.unlock_page(p)
-            else:
+            if buf is not None:
+                views = self._frames(pages, length)
                 mv = memoryview(buf)
                 pos = 0
-                for p in pages:
-                    p.data = mv[pos : pos + PAGE_SIZE].tobytes()
-                    pos += PAGE_SIZE
-                    p.flags = (p.flags & ~PG_ERROR) | PG_UPTODATE
-                    wt.unlock_page(p)
+                for v in views:
+                    end = pos + len(v)
+                    v[:] = mv[pos:end]
+                    pos = end
+            for p in pages:
+                p.flags = (p.flags & ~PG_ERROR) | PG_UPTODATE
+                wt.unlock_page(p)
         else:
             if err:
                 log.debug("device read at %d+%d failed: %s", off, length, err)
@@ -721,7 +802,12 @@ class PageCache:
     def _shrink(self) -> None:
         lru = self._lru
         if len(lru.pages) > lru.limit:
-            lru.shrink()
+            free = self._arena.free
+            for p in lru.shrink():
+                frame = p.data
+                if isinstance(frame, memoryview):
+                    free(frame)
+                    p.data = b""
 
     def _check_open(self) -> None:
         if self._closed:

@@ -9,6 +9,9 @@ from asyncfs.errors import DeviceIOError
 
 # ``(data, None)`` or ``(None, error)``; ``data`` is a view valid only during the call.
 ReadCallback = Callable[[memoryview | None, DeviceIOError | None], None]
+# ``(None, True)`` when the caller's buffers hold the bytes; ``(error, released)`` when not,
+# ``released`` False if the kernel may still write into them (never reuse them then).
+IntoCallback = Callable[[DeviceIOError | None, bool], None]
 
 
 class BlockDevice(Protocol):
@@ -41,3 +44,20 @@ class CallbackReads(Protocol):
     buffer, valid only during the call (copy what you keep)."""
 
     def submit_read(self, offset: int, length: int, callback: ReadCallback) -> bool: ...
+
+
+class IntoReads(Protocol):
+    """Optional: backends that read straight into the caller's buffers (one iovec each), so
+    the page cache's frames are filled without a bounce buffer or a copy.
+
+    ``submit_read_into`` starts a read of ``sum(len(v) for v in views)`` bytes at ``offset``
+    (the read starts ``delay`` seconds from now); ``False`` when it cannot start it now (queue
+    full, or an O_DIRECT span the buffers cannot take): the caller reads another way. The
+    callback runs on the trio thread exactly once. ``read_nowait_into`` is the
+    ``RWF_NOWAIT`` probe into the buffers: ``True`` only if all of them were filled."""
+
+    def submit_read_into(
+        self, offset: int, views: list[memoryview], callback: IntoCallback, delay: float = 0.0
+    ) -> bool: ...
+
+    def read_nowait_into(self, offset: int, views: list[memoryview]) -> bool: ...

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import trio
 
 from asyncfs.errors import DeviceIOError, UsageError
-from asyncfs.io.device import BlockDevice, ReadCallback
+from asyncfs.io.device import BlockDevice, IntoCallback, ReadCallback
 
 _MAX_LATENCY_MS = 3_600_000  # an hour: anything longer is a typo, not a test
 
@@ -59,6 +59,9 @@ class FaultyDevice:
             inner, "submit_read", None)
         self._inner_submit_after: Callable[[float, int, int, ReadCallback], bool] | None = (
             getattr(inner, "submit_read_after", None))
+        self._inner_into: Callable[..., bool] | None = getattr(inner, "submit_read_into", None)
+        self._inner_nowait_into: Callable[[int, list[memoryview]], bool] | None = getattr(
+            inner, "read_nowait_into", None)
         self.latency_ms = latency_ms
         self.latency_jitter_ms = latency_jitter_ms
         self._eio: list[tuple[int, int]] = list(eio_ranges or [])
@@ -113,28 +116,55 @@ class FaultyDevice:
             raise DeviceIOError(f"read of {length} bytes at {offset} failed: EIO (injected)")
         return await self.inner.read(offset, length)
 
+    def _delay(self) -> float:
+        delay = self.latency_ms
+        if self.latency_jitter_ms:
+            delay += self._rng.uniform(0, self.latency_jitter_ms)
+        return delay / 1000
+
+    def _may_submit(self) -> bool:
+        return not (self._closed or self.is_stalled or self._eio)
+
+    def submit_read_into(
+        self, offset: int, views: list[memoryview], callback: IntoCallback, delay: float = 0.0
+    ) -> bool:
+        """``IntoReads.submit_read_into`` when the inner device has it, delayed by this
+        device's latency; ``False`` (read another way) while stalled or while any EIO range
+        is set."""
+        if self._inner_into is None or not self._may_submit():
+            return False
+        started = self._inner_into(offset, views, callback, delay + self._delay())
+        self.reads += started
+        return bool(started)
+
+    def read_nowait_into(self, offset: int, views: list[memoryview]) -> bool:
+        if self._inner_nowait_into is None or self._probe_blocked(offset, sum(map(len, views))):
+            return False
+        return self._inner_nowait_into(offset, views)
+
+    def _probe_blocked(self, offset: int, length: int) -> bool:
+        """Whether the probe must answer "not cached": a latency, a stall or an EIO range."""
+        return bool(self.latency_ms or self.latency_jitter_ms or self.is_stalled
+                    or self._touches_eio(offset, length))
+
     def submit_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
         """``CallbackReads.submit_read`` when the inner device has it (with a latency: when it
         can delay the read itself); ``False`` (use ``read``) otherwise, while stalled, or while
         any EIO range is set."""
-        if self._inner_submit is None or self._closed or self.is_stalled or self._eio:
+        if self._inner_submit is None or not self._may_submit():
             return False
-        delay = self.latency_ms
-        if self.latency_jitter_ms:
-            delay += self._rng.uniform(0, self.latency_jitter_ms)
+        delay = self._delay()
         if delay <= 0:
             started = self._inner_submit(offset, length, callback)
         elif self._inner_submit_after is not None:
-            started = self._inner_submit_after(delay / 1000, offset, length, callback)
+            started = self._inner_submit_after(delay, offset, length, callback)
         else:
             return False
         self.reads += started
         return started
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
-        if self.latency_ms or self.latency_jitter_ms or self.is_stalled:
-            return None
-        if self._touches_eio(offset, length):
+        if self._probe_blocked(offset, length):
             return None
         return self.inner.read_nowait(offset, length)
 

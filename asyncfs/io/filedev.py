@@ -23,7 +23,7 @@ import errno
 import os
 
 from asyncfs.errors import DeviceIOError
-from asyncfs.io.buffers import AlignedPool, align_down, align_up
+from asyncfs.io.buffers import ALIGN, AlignedPool, align_down, align_up
 
 PROBE_BACKOFF = 16  # probe misses in a row before probing backs off
 PROBE_SAMPLE = 32  # while backed off, one call in this many still probes
@@ -51,7 +51,7 @@ class FileDeviceBase:
         self._dfd = direct_fd  # hybrid: the O_DIRECT twin of a buffered ``fd``, else -1
         self._direct_min = direct_min
         self._pool = AlignedPool()
-        self._probe = bytearray()
+        self._probe_buf = bytearray()
         self._probe_misses = 0  # in a row
         self._probe_skips = 0  # since the last sampled probe while backed off
         self.probes_skipped = 0
@@ -95,33 +95,61 @@ class FileDeviceBase:
     def _io_error(self, offset: int, length: int, why: str) -> DeviceIOError:
         return DeviceIOError(f"read of {length} bytes at {offset} of {self.path} failed: {why}")
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """The bytes if the host page cache holds them all (buffered reads only), else None."""
+    def _may_probe(self, offset: int, length: int) -> bool:
+        """Whether to probe this read (buffered, in bounds, and not backed off)."""
         if self._route(length)[1] or self._closed or length <= 0:
-            return None
+            return False
         if offset < 0 or offset + length > self._size:
-            return None
+            return False
         if self._probe_misses >= PROBE_BACKOFF:
             self._probe_skips += 1
             if self._probe_skips < PROBE_SAMPLE:
                 self.probes_skipped += 1
-                return None
+                return False
             self._probe_skips = 0
+        return True
+
+    def _probe(self, views: list[memoryview], offset: int, length: int) -> bool:
+        try:
+            got = os.preadv(self._fd, views, self._base + offset, os.RWF_NOWAIT)
+        except OSError:
+            got = -1  # EAGAIN (not cached) or a real error the blocking read will report
+        if got != length:
+            self._probe_misses += 1
+            return False
+        self._probe_misses = 0
+        return True
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """The bytes if the host page cache holds them all (buffered reads only), else None."""
+        if not self._may_probe(offset, length):
+            return None
         # One scratch buffer for every probe (they run one at a time, on the trio thread):
         # most probes of a cold range fail, and a fresh zeroed buffer each time cost more than
         # the syscall.
-        if len(self._probe) < length:
-            self._probe = bytearray(length)
-        with memoryview(self._probe)[:length] as view:
-            try:
-                got = os.preadv(self._fd, [view], self._base + offset, os.RWF_NOWAIT)
-            except OSError:
-                got = -1  # EAGAIN (not cached) or a real error the blocking read will report
-            if got != length:
-                self._probe_misses += 1
-                return None
-            self._probe_misses = 0
-            return view.tobytes()
+        if len(self._probe_buf) < length:
+            self._probe_buf = bytearray(length)
+        with memoryview(self._probe_buf)[:length] as view:
+            return view.tobytes() if self._probe([view], offset, length) else None
+
+    def read_nowait_into(self, offset: int, views: list[memoryview]) -> bool:
+        """``read_nowait`` straight into ``views`` (``IntoReads``): True if all were filled.
+        On False their contents are undefined."""
+        length = sum(map(len, views))
+        return self._may_probe(offset, length) and self._probe(views, offset, length)
+
+    def _into_span(self, offset: int, views: list[memoryview]) -> tuple[int, int, int] | None:
+        """``(fd, file position, length)`` of a read straight into ``views`` (page-aligned
+        buffers: the page cache's frames), or None when O_DIRECT cannot take them: an
+        unaligned file position (a partition's start) or length (the device's short last
+        page)."""
+        length = sum(map(len, views))
+        self._check(offset, length)
+        fd, direct = self._route(length)
+        pos = self._base + offset
+        if direct and (pos % ALIGN or any(len(v) % ALIGN for v in views)):
+            return None
+        return fd, pos, length
 
     def _close_fd(self) -> None:
         if self._fd >= 0:

@@ -31,7 +31,7 @@ import trio
 
 from asyncfs.errors import DeviceIOError
 from asyncfs.io.buffers import Buffer
-from asyncfs.io.device import ReadCallback
+from asyncfs.io.device import IntoCallback, ReadCallback
 from asyncfs.io.filedev import FileDeviceBase
 
 log = logging.getLogger(__name__)
@@ -51,17 +51,19 @@ class _Op:
     """One device read: the file span it covers and how much of it has arrived."""
 
     __slots__ = (
-        "buf", "callback", "delay", "done", "fd", "iov", "length", "lo", "need", "offset", "pos",
-        "task", "want",
+        "buf", "callback", "delay", "done", "fd", "into", "iov", "length", "lo", "need",
+        "offset", "pos", "task", "views", "want",
     )
 
     def __init__(
-        self, task: trio.lowlevel.Task | None, fd: int, buf: Buffer, pos: int, want: int,
+        self, task: trio.lowlevel.Task | None, fd: int, buf: Buffer | None, pos: int, want: int,
         lo: int, offset: int, length: int,
     ) -> None:
         self.task: trio.lowlevel.Task | None = task
         self.fd = fd
         self.callback: ReadCallback | None = None
+        self.into: IntoCallback | None = None  # a read into the caller's ``views``
+        self.views: list[memoryview] | None = None
         self.delay: Any = None  # the linked timeout's timespec (kept alive until submitted)
         self.buf = buf
         self.iov: Any = None
@@ -190,7 +192,8 @@ class UringDevice(FileDeviceBase):
             return False
         fd, direct = self._route(length)
         pos, want, lo = self._span(offset, length, direct)
-        op = _Op(None, fd, self._pool.get(want), pos, want, lo, offset, length)
+        buf = self._pool.get(want)
+        op = _Op(None, fd, buf, pos, want, lo, offset, length)
         op.callback = callback
         op_id = self._next_id
         self._next_id = op_id + 1
@@ -199,7 +202,34 @@ class UringDevice(FileDeviceBase):
                 self._prep_delay(op, delay)
             self._prep(op_id, op)
         except OSError:
-            self._pool.put(op.buf)
+            self._pool.put(buf)
+            return False
+        self._ops[op_id] = op
+        if self._instrument is None:
+            self._flush()
+        return True
+
+    def submit_read_into(
+        self, offset: int, views: list[memoryview], callback: IntoCallback, delay: float = 0.0
+    ) -> bool:
+        """``IntoReads.submit_read_into``: one ``readv`` straight into ``views`` (no bounce
+        buffer, no copy); ``delay`` as in ``submit_read_after``."""
+        span = self._into_span(offset, views)  # raises once closed or past the end
+        if span is None or len(self._ops) >= self._depth or self._failed is not None:
+            return False
+        fd, pos, length = span
+        if length == 0:
+            return False
+        op = _Op(None, fd, None, pos, length, 0, offset, length)
+        op.views = views
+        op.into = callback
+        op_id = self._next_id
+        self._next_id = op_id + 1
+        try:
+            if delay > 0:
+                self._prep_delay(op, delay)
+            self._prep(op_id, op)
+        except OSError:
             return False
         self._ops[op_id] = op
         if self._instrument is None:
@@ -225,7 +255,10 @@ class UringDevice(FileDeviceBase):
         buf = op.buf
         # Build the iovec before taking an SQE: a taken SQE is submitted at the next flush
         # whatever it holds, so nothing may fail between get_sqe and prep.
-        if op.done == 0 and op.want == len(buf.mm):
+        if buf is None:
+            assert op.views is not None
+            iov = lu.Iovec(op.views if op.done == 0 else _skip(op.views, op.done))
+        elif op.done == 0 and op.want == len(buf.mm):
             if buf.iov is None:
                 buf.iov = lu.Iovec([buf.view])
             iov = buf.iov
@@ -328,6 +361,13 @@ class UringDevice(FileDeviceBase):
         del self._ops[op_id]
         buf = op.buf
         op.iov = None
+        if buf is None:  # a read into the caller's views: the kernel is done with them
+            into, op.into = op.into, None
+            op.views = None
+            if into is not None:
+                _call_into(into, None if error is None else
+                           self._io_error(op.offset, op.length, error), True)
+            return
         if op.callback is not None:
             callback, op.callback = op.callback, None
             if error is None:
@@ -365,6 +405,9 @@ class UringDevice(FileDeviceBase):
         buffers referenced) until the ring is torn down."""
         self._failed = why
         for op in self._ops.values():
+            if op.into is not None:  # still in the kernel: its views must not be reused
+                into, op.into = op.into, None
+                _call_into(into, DeviceIOError(why), False)
             if op.callback is not None:
                 callback, op.callback = op.callback, None
                 _call(callback, None, DeviceIOError(why))
@@ -426,3 +469,22 @@ def _call(callback: ReadCallback, data: memoryview | None, error: DeviceIOError 
         callback(data, error)
     except Exception:
         log.exception("read completion callback failed")
+
+
+def _call_into(callback: IntoCallback, error: DeviceIOError | None, released: bool) -> None:
+    try:
+        callback(error, released)
+    except Exception:
+        log.exception("read completion callback failed")
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes (the rest of a short read)."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out

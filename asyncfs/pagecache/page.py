@@ -51,6 +51,10 @@ class PageStateError(RuntimeError):
 class Page:
     """A page of the device: ``index`` is the key, ``data`` valid only when UPTODATE.
 
+    ``data`` is the page's frame (a 4 KiB ``memoryview`` the engine's arena hands out, which
+    the backend reads into), or ``b""`` while it has none. A frame is whole even for the
+    short last page of a device: the bytes past the device end are never read.
+
     ``refcount`` pins the page against eviction while a read step copies from it (the
     kernel's page reference); parked waiters hold no reference.
     """
@@ -60,7 +64,7 @@ class Page:
     def __init__(self, index: int, flags: int = 0) -> None:
         self.index = index
         self.flags = flags
-        self.data: bytes = b""
+        self.data: memoryview | bytes = b""
         self.refcount = 0
         self.lru = LRU_NONE
 

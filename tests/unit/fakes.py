@@ -168,6 +168,13 @@ def contiguous_file(size: int, dev_off: int = 0) -> ListFileMap:
     return ListFileMap(size, [Run(0, size, dev_off=dev_off)])
 
 
+def breaks(variant: str, monkeypatch: Any, owner: Any, name: str, old: str, new: str) -> None:
+    """Unless ``variant`` is ``"kernel"``, replace ``owner.name`` by its ``mutant`` for the
+    test (``monkeypatch`` undoes it)."""
+    if variant != "kernel":
+        monkeypatch.setattr(owner, name, mutant(owner, name, old, new))
+
+
 def mutant(owner: object, name: str, old: str, new: str) -> Any:
     """A deliberately broken copy of function ``owner.name``: its source with ``old`` replaced
     by ``new``, compiled in the original module's globals. Fails loudly if ``old`` is not in

@@ -8,7 +8,6 @@ Invariants 1, 3, 4, 5 and the pure side of 6, 7 and 13 are in test_pagecache_*.p
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -35,19 +34,14 @@ from tests.unit.fakes import (
     ListFileMap,
     MemoryDevice,
     SlowBlockingDevice,
+    breaks,
     contiguous_file,
-    mutant,
     pattern,
 )
 
 DATA = pattern(1 << 20)
 VARIANTS = ["kernel", "broken"]
 
-
-def breaks(variant: str, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str,
-           old: str, new: str) -> None:
-    if variant != "kernel":
-        monkeypatch.setattr(owner, name, mutant(owner, name, old, new))
 
 
 # -- 2. no lost wakeup (engine) --------------------------------------------------------------
@@ -569,22 +563,22 @@ async def test_inv14_cache_stays_within_limit(
 async def test_inv14_parked_reader_pins_nothing(
     variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A reader that copied part of its range and parks holds its own copy, not references
-    to page bytes (an evicted page's memory is really freed).
+    """A reader that copied part of its range and parks holds its own copy, not views of
+    the pages it copied from: while it sleeps, those pages are evicted and their frames
+    reused for other pages, and it still returns the right bytes.
 
-    Broken variant: the reader parks holding views of the pages it copied from."""
-    breaks(variant, monkeypatch, PageCache, "_read_slow",
+    Broken variant: the reader parks holding views of the frames it copied from."""
+    breaks(variant, monkeypatch, PageCache, "_own_parts",
            "if parts and (len(parts) > 1 or not isinstance(parts[0], bytearray)):",
            "if False:")
     dev = GatedDevice(DATA)
-    c = PageCache(dev, readahead_max=0)
+    c = PageCache(dev, cache_bytes=4 * PAGE_SIZE, readahead_max=0)
     async with trio.open_nursery() as n:
         n.start_soon(c.read_dev, 0, 10)
         await trio.testing.wait_all_tasks_blocked()
         dev.release()
     page0 = c.lookup(0)
     assert page0 is not None
-    base = sys.getrefcount(page0.data)
     res: list[bytes] = []
 
     async def reader() -> None:
@@ -594,11 +588,18 @@ async def test_inv14_parked_reader_pins_nothing(
         n.start_soon(reader)
         await trio.testing.wait_all_tasks_blocked()
         assert c.stats()["parked_now"] == 1
-        pinned = sys.getrefcount(page0.data) - base
         assert all(p.refcount == 0 for p in c.lru)
+        # Other pages push page 0 out; the host cache answers them at once, into frames
+        # that include page 0's old one.
+        # (Each is read twice: page 0 is active, and only a busier active list ages it.)
+        dev.host_cached = True
+        for i in [j for j in range(10, 20) for _ in range(2)]:
+            assert await c.read_dev(i * PAGE_SIZE, PAGE_SIZE) == DATA[
+                i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        assert c.lookup(0) is None
+        assert c.arena.frames <= 6  # frames were reused, not carved anew
         dev.release()
-    assert res == [DATA[100 : 100 + 2 * PAGE_SIZE]]
-    assert (pinned == 0) == (variant == "kernel")
+    assert (res == [DATA[100 : 100 + 2 * PAGE_SIZE]]) == (variant == "kernel")
 
 
 async def test_device_extent_past_end_is_eio() -> None:

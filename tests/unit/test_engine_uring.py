@@ -1,7 +1,9 @@
-"""The page cache over the real io_uring backend, whose misses complete by callback
-(``UringDevice.submit_read``) instead of through a task per read: the bytes are right, a failed
-coalesced read still fails only the pages that really fail, and ``aclose`` fails the pages of
-reads still in flight, once, whatever the callback does later."""
+"""The page cache over the real io_uring backend, whose misses complete by callback instead of
+through a task per read, either read straight into the pages' frames
+(``UringDevice.submit_read_into``) or through a bounce buffer (``submit_read``, which the cache
+uses when the backend cannot read into the frames): the bytes are right, a failed coalesced
+read still fails only the pages that really fail, and ``aclose`` fails the pages of reads still
+in flight, once, whatever the callback does later, and never reuses their frames."""
 
 from __future__ import annotations
 
@@ -33,11 +35,29 @@ def image(tmp_path: Path) -> tuple[Path, bytes]:
     return path, data
 
 
-async def _open(path: Path, *, direct: bool) -> tuple[UringDevice, list[int]]:
-    """The real device, with a count of the reads started through ``submit_read``."""
+KINDS = ["into", "bounce"]
+
+
+async def _open(path: Path, *, direct: bool, kind: str) -> tuple[UringDevice, list[int]]:
+    """The real device, with the lengths of the reads started by callback: read into the
+    frames (``into``), or, with ``submit_read_into`` hidden from the cache, through the
+    bounce buffer (``bounce``)."""
     dev = await open_image(path, backend="uring", direct=direct)
     assert isinstance(dev, UringDevice)
     started: list[int] = []
+    if kind == "into":
+        real_into = dev.submit_read_into
+
+        def counting_into(offset: int, views: list[memoryview], callback: Any,
+                          delay: float = 0.0) -> bool:
+            ok = real_into(offset, views, callback, delay)
+            if ok:
+                started.append(sum(map(len, views)))
+            return ok
+
+        dev.submit_read_into = counting_into  # type: ignore[method-assign]
+        return dev, started
+    dev.submit_read_into = None  # type: ignore[assignment,method-assign]
     real = dev.submit_read
 
     def counting(offset: int, length: int, callback: Any) -> bool:
@@ -50,13 +70,16 @@ async def _open(path: Path, *, direct: bool) -> tuple[UringDevice, list[int]]:
     return dev, started
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("direct", [True, False], ids=["odirect", "buffered"])
-async def test_callback_reads_return_the_file(image: tuple[Path, bytes], direct: bool) -> None:
+async def test_callback_reads_return_the_file(
+    image: tuple[Path, bytes], direct: bool, kind: str
+) -> None:
     """Concurrent reads of random ranges through the cache equal the file, and the misses went
-    through ``submit_read``. Broken variant: storing the completion's bytes on the pages
-    shifted by one page."""
+    through the callback reads. Broken variants: storing the completion's bytes on the pages
+    shifted by one page; frames handed to the read in the wrong order."""
     path, data = image
-    dev, started = await _open(path, direct=direct)
+    dev, started = await _open(path, direct=direct, kind=kind)
     if not direct:  # out of the host cache, so the misses really go to the ring
         fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -83,20 +106,24 @@ async def test_callback_reads_return_the_file(image: tuple[Path, bytes], direct:
         await dev.aclose()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", ["kernel", "broken"])
 async def test_failed_coalesced_callback_read_fails_only_bad_pages(
-    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, variant: str
+    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, variant: str, kind: str
 ) -> None:
     """The image shrinks under the device: a coalesced read across the new end fails, is
     retried page by page, and only the pages past the end get ERROR; the reader of a good page
     in the same run gets its bytes. Broken variant (run here as ``broken``, where the good
-    pages must come out failed): ``_read_done`` completing every page of a failed read with
-    the error instead of retrying them one by one."""
-    if variant == "broken":
+    pages must come out failed): the completion (``_into_done``, ``_read_done``) failing every
+    page of a failed read with the error instead of retrying them one by one."""
+    if variant == "broken" and kind == "into":
+        monkeypatch.setattr(PageCache, "_into_done", mutant(
+            PageCache, "_into_done", "if err is not None and len(pages) > 1", "if False"))
+    elif variant == "broken":
         monkeypatch.setattr(PageCache, "_read_done", mutant(
             PageCache, "_read_done", "if buf is None and len(pages) > 1", "if False"))
     path, data = image
-    dev, started = await _open(path, direct=True)
+    dev, started = await _open(path, direct=True, kind=kind)
     cache = PageCache(dev, cache_bytes=SIZE)
     try:
         os.truncate(path, 40 * PAGE_SIZE)
@@ -123,13 +150,18 @@ async def test_failed_coalesced_callback_read_fails_only_bad_pages(
         await dev.aclose()
 
 
-async def test_aclose_fails_callback_reads_in_flight_once(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+async def test_aclose_fails_callback_reads_in_flight_once(
+    image: tuple[Path, bytes], kind: str
+) -> None:
     """``aclose`` right after a read was submitted (before any scheduler pass could reap it)
     fails its pages with ERROR, unlocked, and leaves nothing in flight; the completion that
-    arrives later changes nothing. Broken variant: ``aclose`` not failing the callback reads
-    (aclose then waits for the device, which a hung disk never answers)."""
+    arrives later changes nothing, and the frames the kernel was still writing are never given
+    back to the arena. Broken variants: ``aclose`` not failing the callback reads (aclose then
+    waits for the device, which a hung disk never answers); ``aclose`` keeping the frames of
+    the reads in flight on their pages (reclaim would then reuse them)."""
     path, _ = image
-    dev, started = await _open(path, direct=True)
+    dev, started = await _open(path, direct=True, kind=kind)
     cache = PageCache(dev, cache_bytes=SIZE)
     try:
         with pytest.raises(WouldBlockError):
@@ -140,6 +172,7 @@ async def test_aclose_fails_callback_reads_in_flight_once(image: tuple[Path, byt
             p = cache.lookup(idx)
             assert p is not None and p.flags & PG_ERROR and not p.flags & PG_LOCKED
             assert not p.flags & PG_UPTODATE
+            assert not isinstance(p.data, memoryview)  # no frame left to be reclaimed
         assert cache.inflight_io == 0
         with trio.fail_after(5):
             while dev.in_flight:

@@ -1,0 +1,248 @@
+"""The page arena (``engine.arena.PageArena``) and the page cache's rules for its frames:
+frames are distinct, writable, page-aligned 4 KiB slots; a freed frame is reused only after
+``quiesce`` (never within the read step that may still hold a view of it); chunks are mapped
+ahead on a worker thread; and frames a read may still be writing (``released=False``) are
+never given back."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from asyncfs.engine import arena as arena_mod
+from asyncfs.engine.arena import FRAME_SIZE, PageArena
+from asyncfs.engine.cache import PageCache
+from asyncfs.errors import DeviceIOError
+from asyncfs.io.device import IntoCallback
+from asyncfs.pagecache import PAGE_SIZE, PG_ERROR, PG_UPTODATE
+from tests.unit.fakes import MemoryDevice, breaks, pattern
+
+DATA = pattern(1 << 20)
+VARIANTS = ["kernel", "broken"]
+
+
+def addr(view: memoryview) -> int:
+    """Where a frame lives (its first byte's address)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def broken_free(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broken arena: a freed frame is reusable at once (no pending list)."""
+    breaks(variant, monkeypatch, PageArena, "free",
+           "self._pending.append(frame)", "self._free.append(frame)")
+
+
+# -- the frames themselves ------------------------------------------------------------------
+def test_frames_are_distinct_writable_aligned_pages() -> None:
+    """Ten frames over three chunks of four: each is FRAME_SIZE writable bytes at a
+    page-aligned address, and a pattern written into each survives writes into all the
+    others (no two frames overlap)."""
+    arena = PageArena(4, ahead=False)
+    frames = [arena.alloc() for _ in range(10)]
+    assert FRAME_SIZE == PAGE_SIZE == 4096
+    assert arena.chunks == 3 and arena.frames == 10 and arena.maps_inline == 3
+    for i, f in enumerate(frames):
+        assert len(f) == FRAME_SIZE and f.nbytes == FRAME_SIZE and not f.readonly
+        assert addr(f) % 4096 == 0
+        f[:] = pattern(FRAME_SIZE, seed=i + 1)
+    assert len({addr(f) for f in frames}) == 10
+    for i, f in enumerate(frames):
+        assert bytes(f) == pattern(FRAME_SIZE, seed=i + 1), i
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_freed_frame_is_reused_only_after_quiesce(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A freed frame waits on the pending list: the next ``alloc`` carves another one; after
+    ``quiesce`` the freed frame is handed out again (and carving stops).
+
+    Broken variant: ``free`` appending straight to ``_free`` (the next alloc of the same step
+    gets the frame a reader may still be holding a view of)."""
+    broken_free(variant, monkeypatch)
+    arena = PageArena(4, ahead=False)
+    a = arena.alloc()
+    a_addr = addr(a)
+    arena.free(a)
+    b = arena.alloc()
+    reused_early = addr(b) == a_addr
+    assert reused_early == (variant == "broken")
+    if variant == "broken":
+        return
+    assert arena.pending_frames == 1 and arena.free_frames == 0 and arena.frames == 2
+    arena.quiesce()
+    assert arena.pending_frames == 0 and arena.free_frames == 1
+    c = arena.alloc()
+    assert addr(c) == a_addr and arena.frames == 2  # reused, not carved
+    arena.quiesce()  # nothing pending: a no-op
+    assert arena.free_frames == 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_next_chunk_is_mapped_ahead_on_a_worker_thread(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past half of the first chunk the arena maps the next one on a worker thread; once it
+    has been delivered, running out of the first chunk takes it over: only the first chunk
+    was mapped on the trio thread.
+
+    Broken variant: ``_map_ahead`` doing nothing (every chunk is mapped inline:
+    ``maps_inline == 2``)."""
+    breaks(variant, monkeypatch, PageArena, "_map_ahead",
+           "    self._spare_wanted = True\n", "    return\n")
+    mapped_on: list[int] = []
+    real_map = arena_mod._map_chunk
+
+    def recording_map(nbytes: int) -> Any:
+        mapped_on.append(threading.get_ident())
+        return real_map(nbytes)
+
+    monkeypatch.setattr(arena_mod, "_map_chunk", recording_map)
+    arena = PageArena(16)
+    frames = [arena.alloc() for _ in range(9)]  # the 9th (index 8) is past the half
+    with trio.fail_after(5):
+        while arena._spare_wanted and arena._spare is None:
+            await trio.sleep(0.001)
+    frames += [arena.alloc() for _ in range(7 + 2)]  # the rest, and two of the next chunk
+    assert arena.chunks == 2 and arena.frames == 18
+    assert len({addr(f) for f in frames}) == 18
+    assert arena.maps_inline == (1 if variant == "kernel" else 2)
+    if variant == "kernel":
+        assert len(mapped_on) == 2 and mapped_on[0] == threading.get_ident()
+        assert mapped_on[1] != threading.get_ident()  # the chunk mapped ahead
+
+
+# -- the engine's rules -------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_frame_freed_within_a_step_is_not_reused_in_it(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-page cache over a device whose probe answers at once: each read of two pages
+    completes both in one step, the first page's frame is freed by reclaim while the step
+    still holds a view of it, and the second page must not be read into that frame.
+
+    Broken variant: ``PageArena.free`` appending straight to ``_free`` (immediate reuse within
+    a step): the second page's bytes overwrite the first's view, wrong bytes come back."""
+    broken_free(variant, monkeypatch)
+    dev = MemoryDevice(DATA, host_cached=True)
+    c = PageCache(dev, cache_bytes=PAGE_SIZE, readahead_max=0)
+    ok = True
+    carved: list[int] = []
+    for k in range(4):
+        off = 100 + k * 5000
+        got = await c.read_dev(off, 2 * PAGE_SIZE)
+        ok = ok and got == DATA[off : off + 2 * PAGE_SIZE]
+        carved.append(c.arena.frames)
+    assert ok == (variant == "kernel")
+    if variant == "kernel":
+        assert carved[-1] == carved[0]  # frames freed in one step were reused in the next
+        assert c.backend_nowait_reads >= 4  # the probe really served these
+
+
+class IntoDevice:
+    """A device that reads into the cache's frames (``IntoReads``) and completes only when
+    the test says so: ``pending`` holds each started read's ``(offset, views, callback)``.
+    Its ``read`` (the page-by-page retry path) answers at once."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pending: list[tuple[int, list[memoryview], IntoCallback]] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.data[offset : offset + length]
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        return None
+
+    def read_nowait_into(self, offset: int, views: list[memoryview]) -> bool:
+        return False
+
+    def submit_read_into(
+        self, offset: int, views: list[memoryview], callback: IntoCallback, delay: float = 0.0
+    ) -> bool:
+        self.pending.append((offset, views, callback))
+        return True
+
+    def finish(self) -> None:
+        """Complete every pending read with the right bytes."""
+        pending, self.pending = self.pending, []
+        for offset, views, callback in pending:
+            pos = offset
+            for v in views:
+                v[:] = self.data[pos : pos + len(v)]
+                pos += len(v)
+            callback(None, True)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("npages", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_frames_of_a_read_failed_in_flight_are_never_reused(
+    variant: str, npages: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read fails with ``released=False`` (the backend failed with it still in the kernel):
+    its pages lose their frames, so when the kernel writes into those buffers later, no cached
+    page changes. One page: the reader gets EIO, the page keeps no frame, and a later read
+    gets new frames and the right bytes. Two pages: the page-by-page retry fills new frames.
+
+    Broken variant: ``_into_done`` without the ``_drop_frames`` call (the pages keep the
+    frames; the late write of the failed read lands in cached pages)."""
+    breaks(variant, monkeypatch, PageCache, "_into_done",
+           "        self._drop_frames(pages)\n", "        pass\n")
+    dev = IntoDevice(DATA)
+    c = PageCache(dev, cache_bytes=64 * PAGE_SIZE, readahead_max=0)
+    off, length = 3 * PAGE_SIZE, npages * PAGE_SIZE
+    want = DATA[off : off + length]
+    got: list[bytes | Exception] = []
+
+    async def reader() -> None:
+        try:
+            got.append(await c.read_dev(off, length))
+        except DeviceIOError as err:
+            got.append(err)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(dev.pending) == 1
+            _, lost_views, callback = dev.pending.pop()
+            assert sum(map(len, lost_views)) == length
+            callback(DeviceIOError("x"), False)
+        pages = [c.lookup(3 + i) for i in range(npages)]
+        assert all(p is not None for p in pages)
+        if npages == 1:
+            p = pages[0]
+            assert p is not None and p.flags & PG_ERROR and not p.flags & PG_UPTODATE
+            assert isinstance(got[0], DeviceIOError)
+            dropped = not isinstance(p.data, memoryview)
+            async with trio.open_nursery() as n:  # read it again: the page is re-read
+                n.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(dev.pending) == 1
+                dev.finish()
+        else:
+            dropped = True  # the retry gave the pages frames again; the addresses tell
+        assert got[-1] == want
+    lost = {addr(v) for v in lost_views}
+    frames_now = {addr(p.data) for p in pages if p is not None and isinstance(p.data, memoryview)}
+    kept_lost_frames = bool(lost & frames_now)
+    # The kernel's late write into the failed read's buffers.
+    for v in lost_views:
+        v[:] = b"\xee" * len(v)
+    right_after = await c.read_dev(off, length) == want
+    assert (dropped and not kept_lost_frames and right_after) == (variant == "kernel")
+    assert c.inflight_io == 0
+    await c.aclose()
