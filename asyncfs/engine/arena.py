@@ -11,10 +11,11 @@ chunk ahead of need, so their first-touch faults are taken off the trio thread; 
 evicted pages are reused, already resident.
 
 A frame is handed out as a writable ``memoryview``. A reader may hold views of frames only
-within one scheduler step (the read path copies them out before any ``await`` and returns
-owned bytes), so a freed frame goes to a *pending* list, and ``quiesce()`` makes pending frames
-reusable at a point where the caller holds no views: a frame freed and reused within one step
-would change bytes the reader has already gathered.
+within one scheduler step (the read path copies them out before any ``await``; a single-page
+result is a view its caller uses before it awaits again), so a freed frame goes to a *pending*
+list, and ``quiesce()`` makes pending frames reusable at a point where the caller holds no
+views: a frame freed and reused within one step would change bytes the reader has already
+gathered.
 
 The arena never shrinks: it holds as many frames as the cache has ever held pages at once, plus
 the chunk mapped ahead, as a heap would.

@@ -29,7 +29,8 @@ class DeviceReader(Protocol):
         self, fmap: FileMap, ra: object | None, off: int, size: int
     ) -> bytes | memoryview:
         """Up to ``size`` bytes of the file at ``off``: short only at EOF. ``ra`` is the open
-        file's readahead state (``None``: no readahead, e.g. for directories)."""
+        file's readahead state (``None``: no readahead, e.g. for directories). A
+        ``memoryview`` result is valid only until the caller's next ``await``."""
         ...
 
     def new_readahead(self) -> object:

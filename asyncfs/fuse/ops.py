@@ -268,14 +268,15 @@ class AsyncfsOperations(pyfuse3.Operations):  # type: ignore[misc]
         # of `size` must be EOF: keep asking until the volume says there is no more.
         first = await self.volume.read(handle, off, size)
         if len(first) >= size or len(first) == 0:
-            return first
-        parts = [first]
+            return first  # replied before this task awaits again: a view of the cache is fine
+        # A view the volume returns is valid only until the next await: copy each piece.
+        parts = [bytes(first)]
         got = len(first)
         while got < size:
             more = await self.volume.read(handle, off + got, size - got)
             if not more:
                 break
-            parts.append(more)
+            parts.append(bytes(more))
             got += len(more)
         return b"".join(parts)
 

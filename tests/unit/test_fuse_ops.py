@@ -9,11 +9,13 @@ from typing import Any
 
 import pyfuse3
 import pytest
+import trio
 
 from asyncfs import errors
 from asyncfs.fuse.errnos import errno_for
 from asyncfs.fuse.ops import PUSH_MAX, AsyncfsOperations
 from asyncfs.types import Attr, DirEntry, StatFs
+from tests.unit.fakes import breaks
 
 ROOT = 2
 
@@ -139,6 +141,38 @@ async def test_read_returns_full_length_or_eof(chunk: int) -> None:
     assert bytes(await ops.read(fh, 0, 65536)) == data[:65536]
     assert bytes(await ops.read(fh, 100000, 65536)) == data[100000:]  # EOF: short is right
     assert bytes(await ops.read(fh, len(data), 10)) == b""
+
+
+class FrameVolume(FakeVolume):
+    """Returns each piece as a view of one reused buffer, as the page cache returns a view of
+    a page's frame, which is reused once the page is evicted: a view is valid only until the
+    caller's next await."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        super().__init__(data, chunk)
+        self.frame = bytearray(chunk)
+
+    async def read(self, handle: Any, off: int, size: int) -> Any:
+        await trio.lowlevel.checkpoint()
+        piece = self.data[off : off + min(size, self.chunk)]
+        self.frame[: len(piece)] = piece  # the previous piece's frame, reused
+        return memoryview(self.frame)[: len(piece)]
+
+
+@pytest.mark.parametrize("variant", ["kernel", "broken"])
+async def test_read_copies_views_before_asking_again(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that needs several pieces copies each piece before it awaits the next, so a
+    view of cache memory reused in between does not change bytes already gathered. Broken
+    variant: keeping the pieces as returned (``parts = [first]``)."""
+    breaks(variant, monkeypatch, AsyncfsOperations, "_read_full",
+           "parts = [bytes(first)]", "parts = [first]")
+    data = bytes(i % 251 for i in range(4 * 4096))  # every piece differs
+    ops = AsyncfsOperations(FrameVolume(data, chunk=4096))
+    fh = (await ops.open(12, 0, None)).fh
+    got = bytes(await ops.read(fh, 0, 3 * 4096))
+    assert (got == data[: 3 * 4096]) == (variant == "kernel")
 
 
 async def test_write_paths_answer_erofs() -> None:
