@@ -637,26 +637,33 @@ class PageCache:
         self.backend_reads += 1
         if not self._closed:
             off, length = self._span(pages)
-            if self._submit_into is not None and self._nowait_into is not None:
+            views: list[memoryview] | None = None
+            if self._nowait_into is not None:
                 views = self._frames(pages, length)
                 if self._nowait_into(off, views):
                     self.backend_nowait_reads += 1
                     self._complete(pages, None, None, off, length, filled=True, reclaim=False)
-                    return
-                key = self._cb_next
-                self._cb_next = key + 1
-                try:
-                    started = self._submit_into(off, views, partial(self._into_done, key))
-                except DeviceIOError:
-                    started = False  # the task path reports it to the readers
-                if started:
-                    self._cb_reads[key] = pages
                     return
             else:
                 got = self._dev.read_nowait(off, length)
                 if got is not None and len(got) == length:
                     self.backend_nowait_reads += 1
                     self._complete(pages, got, None, off, length, reclaim=False)
+                    return
+            # By callback: into the frames, else through the backend's buffer (an O_DIRECT
+            # span the frames cannot take); else a task below. A DeviceIOError from either
+            # (closed, past the end) is left for the task path to report to the readers.
+            if self._submit_into is not None:
+                key = self._cb_next
+                self._cb_next = key + 1
+                if views is None:
+                    views = self._frames(pages, length)
+                try:
+                    started = self._submit_into(off, views, partial(self._into_done, key))
+                except DeviceIOError:
+                    started = False
+                if started:
+                    self._cb_reads[key] = pages
                     return
             if self._submit_read is not None:
                 key = self._cb_next

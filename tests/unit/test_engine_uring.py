@@ -19,6 +19,7 @@ from asyncfs.engine.cache import PageCache
 from asyncfs.errors import DeviceIOError, WouldBlockError
 from asyncfs.io import UringDevice, open_image
 from asyncfs.pagecache.page import PAGE_SIZE, PG_ERROR, PG_LOCKED, PG_UPTODATE
+from bench.image import uncache_file
 from tests.unit.fakes import mutant
 
 SIZE = 64 * PAGE_SIZE
@@ -181,4 +182,37 @@ async def test_aclose_fails_callback_reads_in_flight_once(
         assert p is not None and not p.flags & PG_UPTODATE  # the late completion was ignored
         assert cache.inflight_io == 0
     finally:
+        await dev.aclose()
+
+
+@pytest.mark.parametrize("variant", ["kernel", "broken"])
+@pytest.mark.parametrize("cached", [False, True], ids=["cold", "host-cached"])
+async def test_threads_backend_fills_the_frames(
+    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, variant: str, cached: bool
+) -> None:
+    """Over the threads backend (no reads into the frames by callback), pages are filled by
+    the probe straight into their frames when the host caches the bytes, else by a task read
+    whose bytes the completion copies into the frames; either way reads return the file.
+    Broken variant: the completion not copying a task read's bytes into the frames."""
+    if variant == "broken":
+        monkeypatch.setattr(PageCache, "_complete", mutant(
+            PageCache, "_complete", "v[:] = mv[pos:end]", "pass"))
+    path, data = image
+    # The default (hybrid) device: 4 KiB reads are buffered, without host readahead. Its
+    # opening reads the first sectors (partition table), so the host cache is set after.
+    dev = await open_image(path, backend="threads")
+    if cached:
+        assert path.read_bytes() == data
+    else:
+        uncache_file(path)
+    cache = PageCache(dev, cache_bytes=SIZE)
+    try:
+        got = [await cache.read_dev(i * 3 * PAGE_SIZE + 100, PAGE_SIZE) for i in range(16)]
+        want = [data[i * 3 * PAGE_SIZE + 100 : (i + 1) * 3 * PAGE_SIZE - 2 * PAGE_SIZE + 100]
+                for i in range(16)]
+        assert (got == want) == (variant == "kernel" or cached)
+        # (cold: the host may still cache a neighbour of a page read, a large folio's worth)
+        assert (cache.backend_nowait_reads == cache.backend_reads) == cached
+    finally:
+        await cache.aclose()
         await dev.aclose()
