@@ -651,31 +651,33 @@ class PageCache:
                     self._complete(pages, got, None, off, length, reclaim=False)
                     return
             # By callback: into the frames, else through the backend's buffer (an O_DIRECT
-            # span the frames cannot take); else a task below. A DeviceIOError from either
-            # (closed, past the end) is left for the task path to report to the readers.
+            # span the frames cannot take); else a task below.
             if self._submit_into is not None:
-                key = self._cb_next
-                self._cb_next = key + 1
                 if views is None:
                     views = self._frames(pages, length)
-                try:
-                    started = self._submit_into(off, views, partial(self._into_done, key))
-                except DeviceIOError:
-                    started = False
-                if started:
-                    self._cb_reads[key] = pages
+                if self._by_callback(pages, self._submit_into, views, self._into_done):
                     return
-            if self._submit_read is not None:
-                key = self._cb_next
-                self._cb_next = key + 1
-                try:
-                    started = self._submit_read(off, length, partial(self._read_done, key))
-                except DeviceIOError:
-                    started = False
-                if started:
-                    self._cb_reads[key] = pages
-                    return
+            if self._submit_read is not None and self._by_callback(
+                    pages, self._submit_read, length, self._read_done):
+                return
         trio.lowlevel.spawn_system_task(self._io_task, pages, name="asyncfs-pageio")
+
+    def _by_callback(
+        self, pages: list[Page], submit: Callable[..., bool], what: object,
+        done: Callable[..., None],
+    ) -> bool:
+        """Start the read of ``pages`` with ``submit(off, what, callback)``; its completion
+        calls ``done(key, ...)``. A DeviceIOError (closed, past the end) starts nothing: the
+        task path then reports it to the readers."""
+        key = self._cb_next
+        self._cb_next = key + 1
+        try:
+            started = submit(pages[0].index << PAGE_SHIFT, what, partial(done, key))
+        except DeviceIOError:
+            return False
+        if started:
+            self._cb_reads[key] = pages
+        return bool(started)
 
     def _into_done(self, key: int, err: DeviceIOError | None, released: bool) -> None:
         """Completion of a ``submit_read_into`` read, on the trio thread (``end_page_read``):

@@ -195,18 +195,9 @@ class UringDevice(FileDeviceBase):
         buf = self._pool.get(want)
         op = _Op(None, fd, buf, pos, want, lo, offset, length)
         op.callback = callback
-        op_id = self._next_id
-        self._next_id = op_id + 1
-        try:
-            if delay > 0:
-                self._prep_delay(op, delay)
-            self._prep(op_id, op)
-        except OSError:
+        if not self._start(op, delay):
             self._pool.put(buf)
             return False
-        self._ops[op_id] = op
-        if self._instrument is None:
-            self._flush()
         return True
 
     def submit_read_into(
@@ -223,6 +214,11 @@ class UringDevice(FileDeviceBase):
         op = _Op(None, fd, None, pos, length, 0, offset, length)
         op.views = views
         op.into = callback
+        return self._start(op, delay)
+
+    def _start(self, op: _Op, delay: float) -> bool:
+        """Prepare a callback read (behind a linked timeout when ``delay`` > 0) and keep it
+        in ``_ops`` until its CQE; False when no SQE could be had."""
         op_id = self._next_id
         self._next_id = op_id + 1
         try:

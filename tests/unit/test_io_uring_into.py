@@ -19,23 +19,16 @@ from asyncfs.io import DIRECT_MIN, FaultyDevice, UringDevice, open_image
 from asyncfs.io import uring as uring_mod
 from asyncfs.io.filedev import FileDeviceBase
 from bench.image import uncache_file
+from tests.unit import test_io_backend
 from tests.unit.fakes import breaks
+from tests.unit.test_io_backend import IMAGE_SIZE, WINDOW
 
 PAGE = 4096
-IMAGE_SIZE = 3 * (1 << 20) + 777  # odd: the device's last page is short
-WINDOW = (511, IMAGE_SIZE - 511 - 4099)  # a partition starting and ending off any alignment
+image = test_io_backend.image  # the same module-scoped image file fixture
 JUNK = 0xA5
 
 # the (error, released) of each call of an into-read's callback
 Calls = list[tuple[DeviceIOError | None, bool]]
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
-    path = tmp_path_factory.mktemp("into") / "data.img"
-    data = random.Random(17).randbytes(IMAGE_SIZE)
-    path.write_bytes(data)
-    return path, data
 
 
 
