@@ -436,6 +436,9 @@ class PageCache:
             return
         page.flags &= ~PG_ERROR
         self._submit([page])
+        if not page.flags & (PG_LOCKED | PG_UPTODATE):
+            # Failed at once (no memory for its frame): report it rather than retry forever.
+            raise DeviceIOError(f"cannot read device page {page.index}: no memory for it")
 
     def _populate(self, first: int, last: int) -> None:
         """Create the missing pages of ``[first, last]`` LOCKED and submit one read per
@@ -619,6 +622,15 @@ class PageCache:
             views[-1] = views[-1][:tail]
         return views
 
+    def _frames_or_none(self, pages: list[Page], length: int) -> list[memoryview] | None:
+        """``_frames``, or None when the arena cannot map more memory (the read then
+        completes with an error: a reader gets EIO, not a hang)."""
+        try:
+            return self._frames(pages, length)
+        except (OSError, MemoryError) as exc:
+            log.warning("no memory for %d page frames: %s", len(pages), exc)
+            return None
+
     def _drop_frames(self, pages: list[Page]) -> None:
         """Forget the frames of pages whose read the kernel may still be writing: they are
         never reused (the pages get new ones if read again)."""
@@ -638,25 +650,24 @@ class PageCache:
         if not self._closed:
             off, length = self._span(pages)
             views: list[memoryview] | None = None
-            if self._nowait_into is not None:
-                views = self._frames(pages, length)
+            if self._nowait_into is not None or self._submit_into is not None:
+                views = self._frames_or_none(pages, length)
+            if views is not None and self._nowait_into is not None:
                 if self._nowait_into(off, views):
                     self.backend_nowait_reads += 1
                     self._complete(pages, None, None, off, length, filled=True, reclaim=False)
                     return
-            else:
+            elif self._nowait_into is None:
                 got = self._dev.read_nowait(off, length)
                 if got is not None and len(got) == length:
                     self.backend_nowait_reads += 1
                     self._complete(pages, got, None, off, length, reclaim=False)
                     return
             # By callback: into the frames, else through the backend's buffer (an O_DIRECT
-            # span the frames cannot take); else a task below.
-            if self._submit_into is not None:
-                if views is None:
-                    views = self._frames(pages, length)
-                if self._by_callback(pages, self._submit_into, views, self._into_done):
-                    return
+            # span the frames cannot take, or no frames to be had); else a task below.
+            if views is not None and self._submit_into is not None and self._by_callback(
+                    pages, self._submit_into, views, self._into_done):
+                return
             if self._submit_read is not None and self._by_callback(
                     pages, self._submit_read, length, self._read_done):
                 return
@@ -784,10 +795,14 @@ class PageCache:
         bytes are ``buf`` (copied into the frames) or, when ``filled``, already in them."""
         self.inflight_io -= 1
         wt = self._wt
+        views = None
+        if buf is not None:
+            views = self._frames_or_none(pages, length)
+            if views is None:
+                buf, err = None, "no memory for page frames"
         if buf is not None or filled:
             self.backend_bytes += length
-            if buf is not None:
-                views = self._frames(pages, length)
+            if buf is not None and views is not None:
                 mv = memoryview(buf)
                 pos = 0
                 for v in views:

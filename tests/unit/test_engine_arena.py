@@ -19,7 +19,7 @@ from asyncfs.engine.arena import FRAME_SIZE, PageArena
 from asyncfs.engine.cache import PageCache
 from asyncfs.errors import DeviceIOError
 from asyncfs.io.device import IntoCallback
-from asyncfs.pagecache import PAGE_SIZE, PG_ERROR, PG_UPTODATE
+from asyncfs.pagecache import PAGE_SIZE, PG_ERROR, PG_LOCKED, PG_UPTODATE
 from tests.unit.fakes import MemoryDevice, breaks, pattern
 
 DATA = pattern(1 << 20)
@@ -246,3 +246,74 @@ async def test_frames_of_a_read_failed_in_flight_are_never_reused(
     assert (dropped and not kept_lost_frames and right_after) == (variant == "kernel")
     assert c.inflight_io == 0
     await c.aclose()
+
+
+class ExhaustedArena(PageArena):
+    """An arena that cannot map memory while ``exhausted`` (mmap failing with ENOMEM)."""
+
+    exhausted = True
+
+    def alloc(self) -> memoryview:
+        if self.exhausted:
+            raise MemoryError("mmap: cannot allocate memory")
+        return super().alloc()
+
+
+@pytest.mark.parametrize(("host_cached", "variant"), [
+    (False, "kernel"), (False, "broken"), (True, "kernel"), (True, "broken"),
+    (True, "broken-retry"),  # only a synchronous failure (the probe's) can be retried at once
+])
+def test_no_memory_for_frames_is_eio_not_a_hang(
+    variant: str, host_cached: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When no frame can be had, a read fails with EIO (DeviceIOError), its pages end
+    unlocked, nothing stays in flight, and once memory is back the same read returns the
+    right bytes; also when the bytes came at once from the host cache (the probe), where the
+    failure is synchronous. Broken variants: the completion not catching the arena's failure
+    (the MemoryError escapes the read, or kills the I/O task and with it the whole run: hence
+    a trio.run of its own); ``_lock_and_retry`` not reporting a retry that failed at once
+    (the reader retries forever without a checkpoint: a watchdog on ``_submit`` stops it)."""
+    if variant == "broken":
+        breaks(variant, monkeypatch, PageCache, "_complete",
+               "views = self._frames_or_none(pages, length)",
+               "views = self._frames(pages, length)")
+    elif variant == "broken-retry":
+        breaks(variant, monkeypatch, PageCache, "_lock_and_retry",
+               "raise DeviceIOError(", "str(")
+    submits = 0
+    real_submit = PageCache._submit
+
+    def watchdog(self: PageCache, pages: list[Any]) -> None:
+        nonlocal submits
+        submits += 1
+        if submits > 100:
+            raise RuntimeError("the same read was retried 100 times")
+        real_submit(self, pages)
+
+    monkeypatch.setattr(PageCache, "_submit", watchdog)
+    arena = ExhaustedArena(chunk_frames=16, ahead=False)
+    c = PageCache(MemoryDevice(DATA, host_cached=host_cached), readahead_max=0, arena=arena)
+    outcome: list[str] = []
+
+    async def scenario() -> None:
+        try:
+            with trio.fail_after(5):
+                await c.read_dev(5 * PAGE_SIZE + 7, 2 * PAGE_SIZE)
+            outcome.append("bytes")
+        except DeviceIOError:
+            outcome.append("eio")
+        except (MemoryError, RuntimeError) as exc:
+            outcome.append(type(exc).__name__)
+        if outcome == ["eio"]:
+            arena.exhausted = False
+            got = await c.read_dev(5 * PAGE_SIZE + 7, 2 * PAGE_SIZE)
+            outcome.append("right" if got == DATA[5 * PAGE_SIZE + 7 : 7 * PAGE_SIZE + 7]
+                           else "wrong")
+
+    try:
+        trio.run(scenario)
+    except trio.TrioInternalError:
+        outcome.append("crashed")
+    ok = (outcome == ["eio", "right"] and c.inflight_io == 0
+          and not any(p.flags & PG_LOCKED for p in c.lru))
+    assert ok == (variant == "kernel"), outcome
