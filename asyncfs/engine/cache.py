@@ -607,29 +607,26 @@ class PageCache:
         off = pages[0].index << PAGE_SHIFT
         return off, min(len(pages) << PAGE_SHIFT, self._dev_size - off)
 
-    def _frames(self, pages: list[Page], length: int) -> list[memoryview]:
+    def _frames(self, pages: list[Page], length: int) -> list[memoryview] | None:
         """The frames of ``pages`` (given one where a page has none), the last one cut to
-        the device's end: what a read of ``length`` bytes into them fills."""
+        the device's end: what a read of ``length`` bytes into them fills. None when the
+        arena cannot map more memory (the read then completes with an error: a reader gets
+        EIO, not a hang)."""
         alloc = self._arena.alloc
         views = []
-        for p in pages:
-            frame = p.data
-            if not isinstance(frame, memoryview):
-                frame = p.data = alloc()
-            views.append(frame)
+        try:
+            for p in pages:
+                frame = p.data
+                if not isinstance(frame, memoryview):
+                    frame = p.data = alloc()
+                views.append(frame)
+        except (OSError, MemoryError) as exc:
+            log.warning("no memory for %d page frames: %s", len(pages), exc)
+            return None
         tail = length - ((len(pages) - 1) << PAGE_SHIFT)
         if tail < PAGE_SIZE:
             views[-1] = views[-1][:tail]
         return views
-
-    def _frames_or_none(self, pages: list[Page], length: int) -> list[memoryview] | None:
-        """``_frames``, or None when the arena cannot map more memory (the read then
-        completes with an error: a reader gets EIO, not a hang)."""
-        try:
-            return self._frames(pages, length)
-        except (OSError, MemoryError) as exc:
-            log.warning("no memory for %d page frames: %s", len(pages), exc)
-            return None
 
     def _drop_frames(self, pages: list[Page]) -> None:
         """Forget the frames of pages whose read the kernel may still be writing: they are
@@ -651,7 +648,7 @@ class PageCache:
             off, length = self._span(pages)
             views: list[memoryview] | None = None
             if self._nowait_into is not None or self._submit_into is not None:
-                views = self._frames_or_none(pages, length)
+                views = self._frames(pages, length)
             if views is not None and self._nowait_into is not None:
                 if self._nowait_into(off, views):
                     self.backend_nowait_reads += 1
@@ -797,7 +794,7 @@ class PageCache:
         wt = self._wt
         views = None
         if buf is not None:
-            views = self._frames_or_none(pages, length)
+            views = self._frames(pages, length)
             if views is None:
                 buf, err = None, "no memory for page frames"
         if buf is not None or filled:

@@ -90,7 +90,6 @@ class RequestWait:
         self._closed = True
         return False
 
-
     def _spin(self) -> bool:
         """Watch the empty queue for up to ``spin_s``; True as soon as a request is queued."""
         if self._spin_s <= 0 or self._may_spin is None or not self._may_spin():

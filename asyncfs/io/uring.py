@@ -23,6 +23,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import liburing as lu
@@ -361,7 +362,7 @@ class UringDevice(FileDeviceBase):
             into, op.into = op.into, None
             op.views = None
             if into is not None:
-                _call_into(into, None if error is None else
+                _call(into, None if error is None else
                            self._io_error(op.offset, op.length, error), True)
             return
         if op.callback is not None:
@@ -403,7 +404,7 @@ class UringDevice(FileDeviceBase):
         for op in self._ops.values():
             if op.into is not None:  # still in the kernel: its views must not be reused
                 into, op.into = op.into, None
-                _call_into(into, DeviceIOError(why), False)
+                _call(into, DeviceIOError(why), False)
             if op.callback is not None:
                 callback, op.callback = op.callback, None
                 _call(callback, None, DeviceIOError(why))
@@ -459,17 +460,11 @@ class UringDevice(FileDeviceBase):
         lu.io_uring_queue_exit(self._ring)
 
 
-def _call(callback: ReadCallback, data: memoryview | None, error: DeviceIOError | None) -> None:
-    # Runs inside the scheduler's instrument hooks, which trio drops for good if they raise.
+def _call(callback: Callable[..., None], *args: object) -> None:
+    """A completion callback (``ReadCallback`` or ``IntoCallback``) that may not raise: it runs
+    inside the scheduler's instrument hooks, which trio drops for good if they raise."""
     try:
-        callback(data, error)
-    except Exception:
-        log.exception("read completion callback failed")
-
-
-def _call_into(callback: IntoCallback, error: DeviceIOError | None, released: bool) -> None:
-    try:
-        callback(error, released)
+        callback(*args)
     except Exception:
         log.exception("read completion callback failed")
 

@@ -269,14 +269,13 @@ def test_no_memory_for_frames_is_eio_not_a_hang(
     """When no frame can be had, a read fails with EIO (DeviceIOError), its pages end
     unlocked, nothing stays in flight, and once memory is back the same read returns the
     right bytes; also when the bytes came at once from the host cache (the probe), where the
-    failure is synchronous. Broken variants: the completion not catching the arena's failure
-    (the MemoryError escapes the read, or kills the I/O task and with it the whole run: hence
-    a trio.run of its own); ``_lock_and_retry`` not reporting a retry that failed at once
+    failure is synchronous. Broken variants: the arena's failure not caught (the MemoryError
+    escapes the read, or kills the I/O task and with it the whole run: hence a trio.run of
+    its own); ``_lock_and_retry`` not reporting a retry that failed at once
     (the reader retries forever without a checkpoint: a watchdog on ``_submit`` stops it)."""
     if variant == "broken":
-        breaks(variant, monkeypatch, PageCache, "_complete",
-               "views = self._frames_or_none(pages, length)",
-               "views = self._frames(pages, length)")
+        breaks(variant, monkeypatch, PageCache, "_frames",
+               "except (OSError, MemoryError) as exc:", "except ZeroDivisionError as exc:")
     elif variant == "broken-retry":
         breaks(variant, monkeypatch, PageCache, "_lock_and_retry",
                "raise DeviceIOError(", "str(")

@@ -168,8 +168,8 @@ async def test_fail_all_reports_into_reads_unreleased_once(
     Broken variant: ``_fail_all`` passing ``released=True`` (the caller would reuse buffers
     the kernel is about to write)."""
     breaks(variant, monkeypatch, UringDevice, "_fail_all",
-           "_call_into(into, DeviceIOError(why), False)",
-           "_call_into(into, DeviceIOError(why), True)")
+           "_call(into, DeviceIOError(why), False)",
+           "_call(into, DeviceIOError(why), True)")
     path, data = image
     dev = await open_uring(path, True)
     arena = PageArena(4, ahead=False)
