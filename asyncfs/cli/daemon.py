@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -25,7 +25,7 @@ from asyncfs.cli import control
 from asyncfs.cli.messages import one_line
 from asyncfs.cli.mountpoint import mount_entry, tune_fuse_connection
 from asyncfs.cli.options import MountOptions
-from asyncfs.cli.wiring import open_stack
+from asyncfs.cli.wiring import Stack, open_stack
 from asyncfs.errors import AsyncfsError, UsageError
 from asyncfs.fuse import request_wait
 from asyncfs.fuse.ops import AsyncfsOperations
@@ -73,54 +73,14 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
     started = time.time()
     try:
         async with open_stack(image, opts) as stack:
-            ops = AsyncfsOperations(stack.volume, direct_io=opts.direct_io)
-            try:
-                pyfuse3.init(ops, mountpoint, opts.fuse_options(os.path.basename(image)))
-            except RuntimeError as e:
-                raise AsyncfsError(f"cannot mount on {mountpoint}: {e}") from None
-            unmount_needed = True
-            cache = stack.cache
-            waits = request_wait.install(pyfuse3, may_spin=lambda: not cache.inflight_io,
-                                         spin_s=opts.spin_us / 1e6)
-            _tune_gc()
-            try:
-
-                def snapshot() -> dict[str, Any]:
-                    s: dict[str, Any] = dict(stack.cache.stats())
-                    s.update(image=os.path.abspath(image), mountpoint=mountpoint,
-                             pid=os.getpid(), version=__version__,
-                             uptime_s=round(time.time() - started, 3),
-                             requests_failed=ops.requests_failed,
-                             pushed_files=ops.pushed_files,
-                             requests_taken_at_once=waits.taken_at_once if waits else None,
-                             requests_waited_for=waits.waited_for if waits else None,
-                             device_readahead_windows=stack.volume.device_readahead.windows,
-                             log=str(control.log_path(mountpoint)))
-                    return s
-
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(control.serve_control, control.socket_path(mountpoint),
-                                        partial(_handle_request, snapshot, stack.faults, opts))
-                    log.info("mounted %s on %s", image, mountpoint)
-                    nursery.start_soon(_tune_after_init, ops, mountpoint, opts, reporter)
-                    signalled = trio.Event()
-                    detached = trio.Event()
-                    nursery.start_soon(_watch_signals, signalled)
-                    nursery.start_soon(_watch_detach, mountpoint, stack.cache.stats, signalled,
-                                       detached)
-                    with trio.CancelScope() as fuse_scope:
-                        nursery.start_soon(_cancel_after_signal, signalled, detached,
-                                           fuse_scope)
-                        await pyfuse3.main(min_tasks=min(opts.min_tasks, opts.max_tasks),
-                                           max_tasks=opts.max_tasks)
-                    # main() returns when the kernel ends the session (fusermount3 -u, umount)
-                    # or after terminate(); either way the mount is finished.
-                    # after a lazy unmount the path may hold something else now: leave it be
-                    unmount_needed = signalled.is_set() and not detached.is_set()
-                    nursery.cancel_scope.cancel()
-            finally:
-                pyfuse3.close(unmount=unmount_needed)
-                log.info("unmounted %s", mountpoint)
+            # Opened before mounting: a signal that arrives once the mount exists but before
+            # the watcher runs is queued here instead of killing the daemon by the default
+            # action and leaving the mount behind. (Before this point the default action is
+            # right: a stuck image open must stay killable, and nothing is mounted yet.)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGHUP) as signals:
+                await _serve_mounted(stack, image, mountpoint, opts, reporter, started,
+                                     signals)
     except AsyncfsError as e:
         if reporter.fd is not None:
             reporter.send(f"ERR {e}")
@@ -128,6 +88,58 @@ async def serve(image: str, mountpoint: str, opts: MountOptions,
             print(f"asyncfs: {one_line(str(e))}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _serve_mounted(stack: Stack, image: str, mountpoint: str, opts: MountOptions,
+                         reporter: StartupReporter, started: float,
+                         signals: AsyncIterator[int]) -> None:
+    ops = AsyncfsOperations(stack.volume, direct_io=opts.direct_io)
+    try:
+        pyfuse3.init(ops, mountpoint, opts.fuse_options(os.path.basename(image)))
+    except RuntimeError as e:
+        raise AsyncfsError(f"cannot mount on {mountpoint}: {e}") from None
+    unmount_needed = True
+    cache = stack.cache
+    waits = request_wait.install(pyfuse3, may_spin=lambda: not cache.inflight_io,
+                                 spin_s=opts.spin_us / 1e6)
+    _tune_gc()
+    try:
+
+        def snapshot() -> dict[str, Any]:
+            s: dict[str, Any] = dict(stack.cache.stats())
+            s.update(image=os.path.abspath(image), mountpoint=mountpoint,
+                     pid=os.getpid(), version=__version__,
+                     uptime_s=round(time.time() - started, 3),
+                     requests_failed=ops.requests_failed,
+                     pushed_files=ops.pushed_files,
+                     requests_taken_at_once=waits.taken_at_once if waits else None,
+                     requests_waited_for=waits.waited_for if waits else None,
+                     device_readahead_windows=stack.volume.device_readahead.windows,
+                     log=str(control.log_path(mountpoint)))
+            return s
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve_control, control.socket_path(mountpoint),
+                                partial(_handle_request, snapshot, stack.faults, opts))
+            log.info("mounted %s on %s", image, mountpoint)
+            nursery.start_soon(_tune_after_init, ops, mountpoint, opts, reporter)
+            signalled = trio.Event()
+            detached = trio.Event()
+            nursery.start_soon(_watch_signals, signals, signalled)
+            nursery.start_soon(_watch_detach, mountpoint, stack.cache.stats, signalled,
+                               detached)
+            with trio.CancelScope() as fuse_scope:
+                nursery.start_soon(_cancel_after_signal, signalled, detached, fuse_scope)
+                await pyfuse3.main(min_tasks=min(opts.min_tasks, opts.max_tasks),
+                                   max_tasks=opts.max_tasks)
+            # main() returns when the kernel ends the session (fusermount3 -u, umount)
+            # or after terminate(); either way the mount is finished.
+            # after a lazy unmount the path may hold something else now: leave it be
+            unmount_needed = signalled.is_set() and not detached.is_set()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=unmount_needed)
+        log.info("unmounted %s", mountpoint)
 
 
 def _handle_request(snapshot: Callable[[], dict[str, Any]], faults: FaultyDevice | None,
@@ -206,13 +218,12 @@ async def _watch_detach(mountpoint: str, stats: Callable[[], dict[str, Any]],
         await trio.sleep(0.25)
 
 
-async def _watch_signals(signalled: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            signalled.set()
-            pyfuse3.terminate()
-            return
+async def _watch_signals(signals: AsyncIterator[int], signalled: trio.Event) -> None:
+    async for signum in signals:
+        log.info("signal %d: unmounting", signum)
+        signalled.set()
+        pyfuse3.terminate()
+        return
 
 
 async def _cancel_after_signal(signalled: trio.Event, detached: trio.Event,

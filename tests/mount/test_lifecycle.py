@@ -104,8 +104,10 @@ def test_unmount_with_readers_active(how: str, ext4_image: Path, small_tree: Pat
 
 
 @contextlib.contextmanager
-def foreground_daemon(img: Path, mnt: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`asyncfs mount -f`: the process we start is the daemon, so its exit status is visible."""
+def foreground_daemon(img: Path, mnt: Path,
+                      poll_s: float = 0.05) -> Iterator[subprocess.Popen[bytes]]:
+    """`asyncfs mount -f`: the process we start is the daemon, so its exit status is visible.
+    Yields as soon as a poll every ``poll_s`` sees the mount."""
     require_fuse()
     mnt.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "asyncfs", "mount", "-f", str(img),
@@ -115,7 +117,7 @@ def foreground_daemon(img: Path, mnt: Path) -> Iterator[subprocess.Popen[bytes]]
         while not is_mounted(mnt):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
             assert time.monotonic() < deadline
-            time.sleep(0.05)
+            time.sleep(poll_s)
         yield proc
     finally:
         if proc.poll() is None:
@@ -130,8 +132,12 @@ def test_daemon_exit_status_is_zero_after_unmount(ext4_image: Path, tmp_path: Pa
         assert proc.wait(15) == 0
 
 
-def test_sigterm_foreground_exit_zero(ext4_image: Path, tmp_path: Path) -> None:
-    with foreground_daemon(ext4_image, tmp_path / "mnt") as proc:
+@pytest.mark.parametrize("attempt", range(30))
+def test_sigterm_foreground_exit_zero(ext4_image: Path, tmp_path: Path, attempt: int) -> None:
+    """SIGTERM the moment the mount appears still unmounts cleanly with status 0. Broken
+    variant: the signal receiver opened after ``pyfuse3.init`` (a SIGTERM in between killed
+    the daemon by the default action, -15, and left the mount behind; CI hit it once)."""
+    with foreground_daemon(ext4_image, tmp_path / "mnt", poll_s=0.0005) as proc:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         assert not is_mounted(tmp_path / "mnt")

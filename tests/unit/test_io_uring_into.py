@@ -192,6 +192,9 @@ async def test_fail_all_reports_into_reads_unreleased_once(
     assert (released is False) == (variant == "kernel")
 
 
+COLD_OFFSETS = (1 << 20, (1 << 20) + 64 * PAGE, (1 << 20) + 128 * PAGE)
+
+
 # -- read_nowait_into --------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["kernel", "blocking-probe", "probes-direct"])
 async def test_read_nowait_into_fills_only_from_the_host_cache(
@@ -228,7 +231,10 @@ async def test_read_nowait_into_fills_only_from_the_host_cache(
     hybrid = await open_uring(path, None)
     direct = await open_uring(path, True)
     try:
-        seen["cold"] = probe(buffered, *small)
+        # A probe that misses starts the kernel's read of the page, and on a fast disk that
+        # read can finish before the probe looks again (about 1 probe in 300 here), so a
+        # cold range counts as served only if three separate ones all are.
+        seen["cold"] = all([probe(buffered, off, 2 * PAGE) for off in COLD_OFFSETS])
         path.read_bytes()  # now the host caches every page
         seen["cached"] = probe(buffered, *small)
         seen["cached, hybrid small"] = probe(hybrid, *small)
