@@ -192,7 +192,7 @@ async def test_fail_all_reports_into_reads_unreleased_once(
     assert (released is False) == (variant == "kernel")
 
 
-COLD_OFFSETS = (1 << 20, (1 << 20) + 64 * PAGE, (1 << 20) + 128 * PAGE)
+COLD_OFFSETS = (1 << 20, (1 << 20) + (256 << 10), (1 << 20) + (512 << 10))
 
 
 # -- read_nowait_into --------------------------------------------------------------------
