@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from asyncfs.engine.arena import PageArena
+from asyncfs.engine.arena import FRAME_SIZE, PageArena
 from asyncfs.errors import DeviceIOError
 from asyncfs.io import DIRECT_MIN, FaultyDevice, UringDevice, open_image
 from asyncfs.io import uring as uring_mod
@@ -23,7 +23,7 @@ from tests.unit import test_io_backend
 from tests.unit.fakes import breaks
 from tests.unit.test_io_backend import IMAGE_SIZE, WINDOW
 
-PAGE = 4096
+PAGE = FRAME_SIZE
 image = test_io_backend.image  # the same module-scoped image file fixture
 JUNK = 0xA5
 
@@ -192,7 +192,7 @@ async def test_fail_all_reports_into_reads_unreleased_once(
     assert (released is False) == (variant == "kernel")
 
 
-COLD_OFFSETS = (1 << 20, (1 << 20) + 64 * PAGE, (1 << 20) + 128 * PAGE)
+COLD_OFFSETS = (1 << 20, (1 << 20) + (256 << 10), (1 << 20) + (512 << 10))
 
 
 # -- read_nowait_into --------------------------------------------------------------------
