@@ -1,6 +1,6 @@
 """Page frames: the memory cached pages live in (the kernel's free page pool, in miniature).
 
-Each cached page owns one 4 KiB *frame*, a slot of an anonymous ``mmap`` chunk. The backend
+Each cached page owns one ``PAGE_SIZE`` *frame*, a slot of an anonymous ``mmap`` chunk. The backend
 reads straight into the frames of the pages it fills (``readv`` with one iovec per page), so a
 page's bytes are never copied out of a bounce buffer, and O_DIRECT reads need no bounce buffer
 at all (frames are page-aligned). With one ``bytes`` object per page, a stream copied every
@@ -28,8 +28,10 @@ import mmap
 import outcome
 import trio
 
-FRAME_SIZE = 4096
-CHUNK_FRAMES = 1024  # 4 MiB a chunk
+from asyncfs.pagecache.page import PAGE_SIZE
+
+FRAME_SIZE = PAGE_SIZE
+CHUNK_FRAMES = (4 << 20) // FRAME_SIZE  # 4 MiB a chunk
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
 

@@ -45,8 +45,8 @@ from asyncfs.types import Run
 
 log = logging.getLogger(__name__)
 
-# Largest single backend read the cache submits (pages); longer runs are split.
-MAX_IO_PAGES = 256
+# Largest single backend read the cache submits (1 MiB, in pages); longer runs are split.
+MAX_IO_PAGES = (1 << 20) >> PAGE_SHIFT
 _ZEROS = bytes(1 << 20)
 _SPECIAL = PG_READAHEAD | PG_RA_UNUSED
 

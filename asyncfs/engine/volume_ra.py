@@ -35,7 +35,7 @@ EXT4_DEF_INODE_READAHEAD_BLKS = 32  # the kernel's default inode_readahead_blks
 # the file readahead size and a quarter of the cache). The host reads an image file ahead by
 # read_ahead_kb (2.5 MiB on the benchmark VM); 1 MiB is one backend request (MAX_IO_PAGES) and
 # costs ~1 ms cold where a 4 KiB read costs ~0.16 ms.
-READAROUND_PAGES = 256
+READAROUND_PAGES = (1 << 20) >> PAGE_SHIFT
 SMALL_FILE = 256 * 1024  # files up to this size get the readaround; larger ones read ahead
 MMAP_LOTSAMISS = 100
 

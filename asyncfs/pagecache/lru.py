@@ -19,8 +19,9 @@ refault raises ``limit`` by that page instead of evicting another. A stream neve
 it never grows the cache (touching fresh memory is what makes a big cache slow for streams); a
 working set that is read again grows it until it fits or ``max_limit`` is reached. The shadow
 set remembers ``max_limit`` indexes so a refault is recognised over that larger distance; it
-keeps them as bitmasks of 64 consecutive indexes (a group is forgotten whole, oldest first), so
-remembering a 2 GiB stream costs ~1 MiB, not the ~60 MiB of one dict entry per index.
+keeps them as bitmasks, one per group of consecutive indexes covering 256 KiB (64 pages; a group
+is forgotten whole, oldest first), so remembering a 2 GiB stream costs ~1 MiB, not the ~60 MiB of
+one dict entry per index.
 
 Pages that are LOCKED (I/O in flight) or pinned (``refcount``, a read step copying from them)
 are never reclaimed; so the cache may exceed its limit by those pages only (§4.14).
@@ -37,13 +38,14 @@ from asyncfs.pagecache.page import (
     LRU_ACTIVE,
     LRU_INACTIVE,
     LRU_NONE,
+    PAGE_SHIFT,
     PG_LOCKED,
     PG_REFERENCED,
     Page,
 )
 
-SHADOW_SHIFT = 6
-SHADOW_MASK = (1 << SHADOW_SHIFT) - 1  # a group: 64 consecutive page indexes
+SHADOW_SHIFT = 18 - PAGE_SHIFT
+SHADOW_MASK = (1 << SHADOW_SHIFT) - 1  # a group: the pages of 256 KiB, consecutive
 
 
 class PageLRU:
@@ -70,7 +72,7 @@ class PageLRU:
         self.pages: dict[int, Page] = {}
         self._inactive: OrderedDict[int, Page] = OrderedDict()
         self._active: OrderedDict[int, Page] = OrderedDict()
-        # Shadow entries as bitmasks of 64 pages (a stream's evictions fill whole
+        # Shadow entries as bitmasks of a group's pages (a stream's evictions fill whole
         # groups): ~2 bytes a remembered page instead of ~120 for one dict entry each.
         self._shadow: OrderedDict[int, int] = OrderedDict()
         self._shadow_n = 0  # shadow entries remembered (bits set)
@@ -209,7 +211,7 @@ class PageLRU:
         self._shadow_n = n
 
     def remembered_near(self, idx: int) -> list[int]:
-        """The shadow entries in ``idx``'s group of 64 (ascending): pages reclaimed near a
+        """The shadow entries in ``idx``'s group (ascending): pages reclaimed near a
         page that just refaulted, which a refault-around read can bring back with it."""
         group = idx >> SHADOW_SHIFT
         mask = self._shadow.get(group, 0)

@@ -51,8 +51,8 @@ class PageStateError(RuntimeError):
 class Page:
     """A page of the device: ``index`` is the key, ``data`` valid only when UPTODATE.
 
-    ``data`` is the page's frame (a 4 KiB ``memoryview`` the engine's arena hands out, which
-    the backend reads into), or ``b""`` while it has none. A frame is whole even for the
+    ``data`` is the page's frame (a ``PAGE_SIZE`` ``memoryview`` the engine's arena hands out,
+    which the backend reads into), or ``b""`` while it has none. A frame is whole even for the
     short last page of a device: the bytes past the device end are never read.
 
     ``refcount`` pins the page against eviction while a read step copies from it (the

@@ -10,6 +10,7 @@ import trio.testing
 from asyncfs.engine.cache import PageCache
 from asyncfs.errors import DeviceIOError, WouldBlockError
 from asyncfs.pagecache import PAGE_SIZE, PG_LOCKED, PG_UPTODATE, PageLRU
+from asyncfs.pagecache.lru import SHADOW_SHIFT
 from asyncfs.types import Run
 from tests.unit.fakes import (
     GatedDevice,
@@ -21,7 +22,8 @@ from tests.unit.fakes import (
 )
 from tests.unit.test_pagecache_lru import GROW_ON_EVERY_INSERT
 
-DATA = pattern(1 << 20)
+DATA = pattern(256 * PAGE_SIZE)
+GROUP = 1 << SHADOW_SHIFT  # pages a shadow entry group covers
 MODES = ["async", "threads"]
 
 
@@ -144,11 +146,11 @@ async def test_nowait_starts_io_and_would_block_then_partial() -> None:
     dev.release()
     await trio.testing.wait_all_tasks_blocked()
     assert await c.read_dev(0, 10, nowait=True) == DATA[:10]
-    got = await c.read_dev(4000, 200, nowait=True)  # page 0 ready, page 1 needs I/O
-    assert got == DATA[4000:4096]
-    f = contiguous_file(100000)
+    got = await c.read_dev(PAGE_SIZE - 96, 200, nowait=True)  # page 0 ready, page 1 needs I/O
+    assert got == DATA[PAGE_SIZE - 96 : PAGE_SIZE]
+    f = contiguous_file(30 * PAGE_SIZE)
     with pytest.raises(WouldBlockError):
-        await c.read_file(f, None, 50000, 10, nowait=True)
+        await c.read_file(f, None, 12 * PAGE_SIZE, 10, nowait=True)
     await trio.testing.wait_all_tasks_blocked()
     dev.release()
 
@@ -228,11 +230,11 @@ async def test_threads_mode_holds_at_most_pool_size_threads() -> None:
 
 
 async def test_request_larger_than_cache_completes() -> None:
-    """A 1 MiB direct_io read through a 4-page cache still completes, correctly."""
+    """A 256-page direct_io read through a 4-page cache still completes, correctly."""
     dev = MemoryDevice(DATA, delay=0.0005)
     c = PageCache(dev, cache_bytes=4 * PAGE_SIZE)
     f = contiguous_file(len(DATA))
-    assert bytes(await c.read_file(f, c.new_readahead(), 0, 1 << 20)) == DATA
+    assert bytes(await c.read_file(f, c.new_readahead(), 0, len(DATA))) == DATA
     assert len(c.lru) <= 4
 
 
@@ -272,7 +274,7 @@ async def test_rwf_nowait_probe_completes_without_parking() -> None:
     dev = MemoryDevice(DATA, host_cached=True)
     c = PageCache(dev, cache_bytes=4 * PAGE_SIZE)
     f = contiguous_file(len(DATA))
-    assert bytes(await c.read_file(f, c.new_readahead(), 0, 1 << 20)) == DATA
+    assert bytes(await c.read_file(f, c.new_readahead(), 0, len(DATA))) == DATA
     assert await c.read_dev(12345, 20000) == DATA[12345:32345]
     s = c.stats()
     assert dev.reads == [] and s["parked_total"] == 0 and s["inflight_io"] == 0
@@ -285,7 +287,7 @@ async def test_cache_grows_on_refaults_not_on_a_single_pass(
 ) -> None:
     """``cache_bytes`` is the start, ``cache_max_bytes`` the ceiling: a device range of twice
     the start read page by page twice refaults, the cache grows by those pages and the second
-    pass misses once (the first refault brings its evicted group of 64 back with it); a
+    pass misses once a group (a refault brings its evicted group back with it); a
     single pass over the whole device (4x the start) grows nothing and caches no more than
     the start.
 
@@ -315,8 +317,8 @@ async def test_cache_grows_on_refaults_not_on_a_single_pass(
         s["cache_max_bytes"] == ceiling
         and s["cache_grown_pages"] == 64
         and s["cache_limit_bytes"] == 2 * start
-        and misses[1] == 1
-        and s["refault_around_pages"] == 63
+        and misses[1] == 64 // GROUP
+        and s["refault_around_pages"] == 64 - 64 // GROUP
     )
 
     stream = PageCache(MemoryDevice(DATA), cache_bytes=start, cache_max_bytes=ceiling,
@@ -340,12 +342,12 @@ async def test_refault_around_reads_the_evicted_group_back_in_one_read(
     variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refault while the cache may grow brings back the reclaimed pages of its shadow group
-    (64 pages) in one backend read per contiguous run; at the ceiling (no headroom) nothing
+    (GROUP pages) in one backend read per contiguous run; at the ceiling (no headroom) nothing
     more than the page asked for is read, and the cache never passes its ceiling.
 
     Broken variants: ``headroom_ignored`` (refault-around at the ceiling: the cache evicts
-    other pages to make room and reads 64x what is asked); ``page_by_page`` (each brought-back
-    page submitted as its own read)."""
+    other pages to make room and reads GROUP times what is asked); ``page_by_page`` (each
+    brought-back page submitted as its own read)."""
     if variant == "headroom_ignored":
         monkeypatch.setattr(PageCache, "_populate", mutant(
             PageCache, "_populate", "if refaulted and self._lru.headroom:", "if refaulted:"))
@@ -365,11 +367,12 @@ async def test_refault_around_reads_the_evicted_group_back_in_one_read(
     assert await c.read_dev(5 * PAGE_SIZE, PAGE_SIZE) == DATA[5 * PAGE_SIZE : 6 * PAGE_SIZE]
     # the refaulted page itself, then the rest of its group in two runs around it
     growing_ok = sorted(dev.reads) == [(0, 5 * PAGE_SIZE), (5 * PAGE_SIZE, PAGE_SIZE),
-                                       (6 * PAGE_SIZE, 58 * PAGE_SIZE)]
+                                       (6 * PAGE_SIZE, (GROUP - 6) * PAGE_SIZE)]
     before = c.misses
-    for off in range(0, 64 * PAGE_SIZE, PAGE_SIZE):
+    for off in range(0, GROUP * PAGE_SIZE, PAGE_SIZE):
         assert await c.read_dev(off, PAGE_SIZE) == DATA[off : off + PAGE_SIZE]
-    growing_ok = growing_ok and c.misses == before and c.stats()["refault_around_pages"] == 63
+    growing_ok = (growing_ok and c.misses == before
+                  and c.stats()["refault_around_pages"] == GROUP - 1)
 
     # At the ceiling: fill it (limit == max), then a refault reads only its own page.
     full = PageCache(MemoryDevice(DATA), cache_bytes=64 * PAGE_SIZE,

@@ -39,7 +39,7 @@ from tests.unit.fakes import (
     pattern,
 )
 
-DATA = pattern(1 << 20)
+DATA = pattern(256 * PAGE_SIZE)
 VARIANTS = ["kernel", "broken"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from asyncfs.engine.arena import PageArena
+from asyncfs.engine.arena import FRAME_SIZE, PageArena
 from asyncfs.errors import DeviceIOError
 from asyncfs.io import DIRECT_MIN, FaultyDevice, UringDevice, open_image
 from asyncfs.io import uring as uring_mod
@@ -23,7 +23,7 @@ from tests.unit import test_io_backend
 from tests.unit.fakes import breaks
 from tests.unit.test_io_backend import IMAGE_SIZE, WINDOW
 
-PAGE = 4096
+PAGE = FRAME_SIZE
 image = test_io_backend.image  # the same module-scoped image file fixture
 JUNK = 0xA5
 
