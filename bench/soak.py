@@ -42,6 +42,8 @@ import trio
 from asyncfs.cli.control import fetch_stats, request
 from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import open_stack
+from asyncfs.engine.cache import MAX_IO_PAGES
+from asyncfs.pagecache import PAGE_SIZE
 from tests.imagegen import SOURCE_FIELDS, compare_trees, make_image, make_tree
 
 MOUNT_OPTS = ("faults", "cache_size=4M", "latency=1")
@@ -339,12 +341,13 @@ def check_stats(st: dict[str, Any], *, client_eio: int = 0) -> list[str]:
     need(st["parked_now"] == 0, "parked_now == 0 at rest")
     need(st["inflight_io"] == 0, "inflight_io == 0 at rest")
     need(st["cache_bytes"] <= st["cache_limit_bytes"], "cache_bytes <= cache_limit_bytes")
-    need(st["cache_bytes"] <= st["pages_cached"] * 4096, "cache_bytes <= pages_cached * 4096")
+    need(st["cache_bytes"] <= st["pages_cached"] * PAGE_SIZE,
+         "cache_bytes <= pages_cached * PAGE_SIZE")
     need(st["readahead_used"] <= st["readahead_pages"], "readahead_used <= readahead_pages")
     need(st["backend_nowait_reads"] <= st["backend_reads"],
          "backend_nowait_reads <= backend_reads")
-    need(0 < st["backend_bytes"] <= st["backend_reads"] * 256 * 4096,
-         "0 < backend_bytes <= backend_reads * 256 * 4096")
+    need(0 < st["backend_bytes"] <= st["backend_reads"] * MAX_IO_PAGES * PAGE_SIZE,
+         "0 < backend_bytes <= backend_reads * MAX_IO_PAGES * PAGE_SIZE")
     need(st["wakeups"] <= st["parked_total"], "wakeups <= parked_total")
     need(st["evictions"] > 0, "evictions > 0 (the tiny cache cycled)")
     need(st["requests_failed"] >= client_eio, "requests_failed >= EIOs the readers saw")

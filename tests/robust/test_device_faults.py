@@ -21,6 +21,7 @@ from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import Stack, open_stack
 from asyncfs.engine.volume import OpenFile
 from asyncfs.errors import DeviceIOError
+from asyncfs.pagecache import PAGE_SIZE
 from tests.mount.helpers import mounted, stats
 
 KIB = 1024
@@ -84,9 +85,12 @@ async def test_eio_fails_only_reads_touching_the_range(fuzz_ext4: Path, fuzz_tre
         assert res["whole"] == "EIO"
         assert res["good_parked"] == want[100 * KIB : 104 * KIB]
         # fresh reads: touching the bad page fails, its neighbours and other files do not
-        assert await _read(stack, fh, 200 * KIB + 4000, 200) == "EIO"
-        assert await _read(stack, fh, 196 * KIB, 4 * KIB) == want[196 * KIB : 200 * KIB]
-        assert await _read(stack, fh, 204 * KIB, 8 * KIB) == want[204 * KIB : 212 * KIB]
+        # (an I/O error covers the whole page: the bad page's bytes in the file, by PAGE_SIZE)
+        page = (bad // PAGE_SIZE * PAGE_SIZE - dev0, (bad // PAGE_SIZE + 1) * PAGE_SIZE - dev0)
+        assert await _read(stack, fh, page[1] - 200, 200) == "EIO"
+        assert await _read(stack, fh, page[0] - 4 * KIB, 4 * KIB) == want[page[0] - 4 * KIB
+                                                                          : page[0]]
+        assert await _read(stack, fh, page[1], 8 * KIB) == want[page[1] : page[1] + 8 * KIB]
         other, osize, _ = await _open(stack, "/files/f70000")
         assert await _read(stack, other, 0, osize) == (fuzz_tree / "files/f70000").read_bytes()
         assert stack.cache.stats()["parked_now"] == 0
