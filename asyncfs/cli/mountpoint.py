@@ -82,6 +82,9 @@ def _stale(mountpoint: str, path: str) -> MountPointError:
     )
 
 
+_DEAD_CONNECTION = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def check_mountpoint(mountpoint: str) -> str:
     """Return the canonical mount point, or raise MountPointError with a one-line reason."""
     path = os.path.realpath(mountpoint)
@@ -89,11 +92,12 @@ def check_mountpoint(mountpoint: str) -> str:
     if entry is not None:
         if entry[0].startswith("fuse"):
             # statfs is never answered from the kernel's attribute cache, so it reaches the
-            # daemon, and a dead daemon's connection answers ENOTCONN.
+            # daemon, and a dead daemon's connection answers ENOTCONN (or ECONNABORTED while
+            # the kernel is still tearing the connection down).
             try:
                 os.statvfs(path)
             except OSError as e:
-                if e.errno == errno.ENOTCONN:
+                if e.errno in _DEAD_CONNECTION:
                     raise _stale(mountpoint, path) from None
         raise MountPointError(
             f"mount point {mountpoint} is busy: {entry[1]} ({entry[0]}) is already mounted there"
@@ -103,7 +107,7 @@ def check_mountpoint(mountpoint: str) -> str:
     except FileNotFoundError:
         raise MountPointError(f"mount point {mountpoint} does not exist") from None
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in _DEAD_CONNECTION:
             raise _stale(mountpoint, path) from None
         raise MountPointError(f"mount point {mountpoint}: {e.strerror}") from None
     if not os.path.isdir(path):

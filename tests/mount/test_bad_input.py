@@ -116,7 +116,8 @@ def test_stale_mount_point_is_explained(ext4_image: Path, mnt: Path) -> None:
     try:
         with pytest.raises(OSError) as ei:
             os.statvfs(mnt)
-        assert ei.value.errno == errno.ENOTCONN
+        # ECONNABORTED while the kernel still tears the connection down (CI saw it once)
+        assert ei.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         _one_line_error(run_asyncfs("mount", str(ext4_image), str(mnt)),
                         "Transport endpoint is not connected", "fusermount3 -u")
     finally:
