@@ -89,9 +89,22 @@ class PageArena:
             self._map_ahead()
         return view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
 
+    def alloc_many(self, n: int) -> list[memoryview]:
+        """``n`` frames (a folio's), as ``alloc`` would give them one by one."""
+        free = self._free
+        if len(free) >= n:
+            frames = free[-n:]
+            del free[-n:]
+            return frames
+        return [self.alloc() for _ in range(n)]
+
     def free(self, frame: memoryview) -> None:
         """Give a frame back. It is reused only after the next ``quiesce``."""
         self._pending.append(frame)
+
+    def free_many(self, frames: list[memoryview]) -> None:
+        """``free`` for each of ``frames``."""
+        self._pending.extend(frames)
 
     def quiesce(self) -> None:
         """The caller holds no frame views: frames freed since the last call may be reused."""

@@ -29,6 +29,7 @@ from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
 from asyncfs.io.device import BlockDevice, IntoCallback, ReadCallback
 from asyncfs.pagecache import FileReadahead, PageLRU, ReadaheadWindow, WaitTable
+from asyncfs.pagecache.lru import SHADOW_SHIFT
 from asyncfs.pagecache.page import (
     LRU_ACTIVE,
     PAGE_SHIFT,
@@ -47,8 +48,18 @@ log = logging.getLogger(__name__)
 
 # Largest single backend read the cache submits (1 MiB, in pages); longer runs are split.
 MAX_IO_PAGES = (1 << 20) >> PAGE_SHIFT
+# Pages of a folio (64 KiB): a file readahead window covers each aligned group of this many
+# pages that it reads whole with one folio, so a stream costs one Page, one lock, one wake and
+# one reclaim per 64 KiB instead of per 4 KiB. Random reads and metadata keep 4 KiB pages.
+FOLIO_PAGES = 16
+assert FOLIO_PAGES <= 1 << SHADOW_SHIFT  # a folio's shadow entries lie in one group
 _ZEROS = bytes(1 << 20)
 _SPECIAL = PG_READAHEAD | PG_RA_UNUSED
+
+
+def _splittable(pages: list[Page]) -> bool:
+    """Whether a failed read of ``pages`` is retried page by page (more than one page)."""
+    return len(pages) > 1 or pages[0].nr > 1
 
 
 def _zeros(n: int) -> bytes | memoryview:
@@ -132,6 +143,7 @@ class PageCache:
         self.readahead_pages = 0
         self.readahead_used = 0
         self.refault_around_pages = 0  # pages read back with a refaulted neighbour
+        self.folios_created = 0
 
     # -- introspection (tests, soak, stats) ---------------------------------------------
     @property
@@ -172,6 +184,7 @@ class PageCache:
             "inflight_io": self.inflight_io,
             "pages_cached": n,
             "frames_mapped": self._arena.frames,
+            "folios_created": self.folios_created,
             "cache_bytes": n * PAGE_SIZE,
             "cache_limit_bytes": self._lru.limit * PAGE_SIZE,
             "cache_max_bytes": self._lru.max_limit * PAGE_SIZE,
@@ -333,7 +346,7 @@ class PageCache:
                 break
             if flags & _SPECIAL:
                 if flags & PG_RA_UNUSED:
-                    self.readahead_used += 1
+                    self.readahead_used += p.nr
                 if flags & PG_READAHEAD and markers is not None:
                     markers.append(idx)
                     p.flags = flags = flags & ~(PG_RA_UNUSED | PG_READAHEAD)
@@ -341,19 +354,55 @@ class PageCache:
                     p.flags = flags = flags & ~PG_RA_UNUSED
             if p.lru != LRU_ACTIVE or not flags & PG_REFERENCED:
                 lru.mark_accessed(p)
-            base = idx << PAGE_SHIFT
-            if off == base and end - base >= PAGE_SIZE:
-                append(p.data)  # whole page (a short last page never gets here)
-                off = base + PAGE_SIZE
+            if p.nr == 1:
+                base = idx << PAGE_SHIFT
+                if off == base and end - base >= PAGE_SIZE:
+                    append(p.data)  # whole page (a short last page never gets here)
+                    off = base + PAGE_SIZE
+                else:
+                    pend = base + PAGE_SIZE
+                    if pend > end:
+                        pend = end
+                    append(memoryview(p.data)[off - base : pend - base])
+                    off = pend
+                idx += 1
             else:
-                pend = base + PAGE_SIZE
-                if pend > end:
-                    pend = end
-                append(memoryview(p.data)[off - base : pend - base])
-                off = pend
-            idx += 1
+                off = self._copy_folio(p, off, end, parts)
+                idx = p.index + p.nr
         n = idx - start_idx
         self.hits += n
+        return off
+
+    @staticmethod
+    def _copy_folio(folio: Page, off: int, end: int,
+                    parts: list[bytes | bytearray | memoryview]) -> int:
+        """``_copy_prefix`` for an UPTODATE folio (``off`` inside it): its frames, or the
+        parts of them, that ``[off, end)`` covers; returns where that stopped."""
+        frames = folio.frames
+        assert frames is not None  # UPTODATE: its frames hold the bytes
+        base = folio.index << PAGE_SHIFT
+        fend = base + (folio.nr << PAGE_SHIFT)
+        if off == base and end >= fend:
+            parts.extend(frames)
+            return fend
+        stop = end if end < fend else fend
+        k = (off - base) >> PAGE_SHIFT
+        within = off - base - (k << PAGE_SHIFT)
+        if within:  # a part of the first frame
+            pend = off - within + PAGE_SIZE
+            if pend > stop:
+                pend = stop
+            parts.append(frames[k][within : pend - off + within])
+            off = pend
+            k += 1
+        whole = (stop - base) >> PAGE_SHIFT  # frames before this one end by ``stop``
+        if whole > k:
+            parts.extend(frames[k:whole])
+            off = base + (whole << PAGE_SHIFT)
+            k = whole
+        if off < stop:  # a head of the last frame
+            parts.append(frames[k][: stop - off])
+            off = stop
         return off
 
     async def _read_slow(
@@ -424,7 +473,7 @@ class PageCache:
         if flags & PG_ERROR and not flags & PG_UPTODATE:
             raise DeviceIOError(
                 f"I/O error reading device bytes {page.index * PAGE_SIZE}"
-                f"..{page.index * PAGE_SIZE + PAGE_SIZE - 1}"
+                f"..{(page.index + page.nr) * PAGE_SIZE - 1}"
             )
 
     async def _lock_and_retry(self, page: Page) -> None:
@@ -448,7 +497,8 @@ class PageCache:
         run: list[Page] = []
         created = False
         refaulted: list[int] = []
-        for idx in range(first, last + 1):
+        idx = first
+        while idx <= last:
             p = pages.get(idx)
             if p is None:
                 p = Page(idx, PG_LOCKED)
@@ -457,14 +507,16 @@ class PageCache:
                     refaulted.append(idx)
                 created = True
                 run.append(p)
-            elif not p.flags & (PG_UPTODATE | PG_LOCKED) and idx != first:
+            elif p.nr == 1 and not p.flags & (PG_UPTODATE | PG_LOCKED) and idx != first:
                 p.flags = (p.flags | PG_LOCKED) & ~PG_ERROR
                 run.append(p)
-            else:
+            else:  # cached, in flight, the caller's own page to retry, or a folio
                 if run:
                     self._submit(run)
                     run = []
+                idx = p.index + p.nr
                 continue
+            idx += 1
             if len(run) >= MAX_IO_PAGES:
                 self._submit(run)
                 run = []
@@ -550,6 +602,9 @@ class PageCache:
     async def _submit_window(self, ctx: _FileCtx, win: ReadaheadWindow) -> None:
         """Map file pages ``win`` onto the device and read the missing ones, one I/O per
         contiguous device run; the marker goes on its page only if this window created it.
+        Each ``FOLIO_PAGES``-aligned group of missing pages that lies whole inside one mapped
+        run becomes one folio (``page_cache_ra_order``), except the marker's: the marker stays
+        on a page of its own, so a hit on it reports its exact index.
         (One pass per mapped run: on a stream this loop runs for every page read, so it does
         no more than create, flag and insert each page.)"""
         if self._closed:
@@ -561,42 +616,62 @@ class PageCache:
         last_dev = (dev_size - 1) >> PAGE_SHIFT
         req_first, req_last = ctx.req_first, ctx.req_last
         marker_byte = win.marker << PAGE_SHIFT if win.marker is not None else -1
+        fmask = FOLIO_PAGES - 1
+        whole_dev = dev_size >> PAGE_SHIFT  # pages before a short last page
         batch: list[Page] = []
-        created = ra_created = 0
+        batched = created = ra_created = folios = 0
         for run in runs:
             d0 = run.dev_off
             if d0 is None or run.length <= 0 or d0 < 0 or d0 + run.length > dev_size:
                 continue
             f0 = run.file_off
+            d1 = d0 + run.length
             marker_dev = -1
             if f0 <= marker_byte < f0 + run.length:
                 marker_dev = (d0 + marker_byte - f0) >> PAGE_SHIFT
-            for idx in range(d0 >> PAGE_SHIFT, min((d0 + run.length - 1) >> PAGE_SHIFT,
-                                                   last_dev) + 1):
+            # a folio's pages must all hold this run's bytes only: whole pages inside it
+            whole_first = (d0 + PAGE_SIZE - 1) >> PAGE_SHIFT
+            whole_end = min(d1 >> PAGE_SHIFT, whole_dev)  # (exclusive)
+            idx = d0 >> PAGE_SHIFT
+            stop = min((d1 - 1) >> PAGE_SHIFT, last_dev)
+            while idx <= stop:
                 if idx in pages:  # cached, or in flight for someone else
                     if batch:
                         self._submit(batch)
                         batch = []
+                        batched = 0
+                    idx += 1
                     continue
+                nr = 1
+                if (not idx & fmask and whole_first <= idx and idx + FOLIO_PAGES <= whole_end
+                        and not idx <= marker_dev < idx + FOLIO_PAGES
+                        and pages.keys().isdisjoint(range(idx + 1, idx + FOLIO_PAGES))):
+                    nr = FOLIO_PAGES
+                    folios += 1
                 # A page shared by two runs (blocks smaller than a page) is created by the
                 # first; it counts as readahead only if outside the request.
                 fpage = (f0 + max(idx << PAGE_SHIFT, d0) - d0) >> PAGE_SHIFT
                 flags = PG_LOCKED
-                if not req_first <= fpage <= req_last:
+                if fpage + nr - 1 < req_first or fpage > req_last:
                     flags |= PG_RA_UNUSED
-                    ra_created += 1
+                    ra_created += nr
                 if idx == marker_dev:
                     flags |= PG_READAHEAD
-                p = Page(idx, flags)
+                p = Page(idx, flags, nr)
                 insert(p)
-                created += 1
-                if batch and (idx != batch[-1].index + 1 or len(batch) >= MAX_IO_PAGES):
+                created += nr
+                if batch and (idx != batch[-1].index + batch[-1].nr
+                              or batched + nr > MAX_IO_PAGES):
                     self._submit(batch)
                     batch = []
+                    batched = 0
                 batch.append(p)
+                batched += nr
+                idx += nr
         if batch:
             self._submit(batch)
         self.readahead_pages += ra_created
+        self.folios_created += folios
         if created:
             self._shrink()
 
@@ -605,7 +680,8 @@ class PageCache:
         """Device offset and length of the read of contiguous ``pages`` (the last page of
         the device may be short)."""
         off = pages[0].index << PAGE_SHIFT
-        return off, min(len(pages) << PAGE_SHIFT, self._dev_size - off)
+        last = pages[-1]
+        return off, min(((last.index + last.nr) << PAGE_SHIFT) - off, self._dev_size - off)
 
     def _frames(self, pages: list[Page], length: int) -> list[memoryview] | None:
         """The frames of ``pages`` (given one where a page has none), the last one cut to
@@ -616,14 +692,20 @@ class PageCache:
         views = []
         try:
             for p in pages:
-                frame = p.data
-                if not isinstance(frame, memoryview):
-                    frame = p.data = alloc()
-                views.append(frame)
+                if p.nr == 1:
+                    frame = p.data
+                    if not isinstance(frame, memoryview):
+                        frame = p.data = alloc()
+                    views.append(frame)
+                else:
+                    frames = p.frames
+                    if frames is None:
+                        frames = p.frames = self._arena.alloc_many(p.nr)
+                    views.extend(frames)
         except (OSError, MemoryError) as exc:
             log.warning("no memory for %d page frames: %s", len(pages), exc)
             return None
-        tail = length - ((len(pages) - 1) << PAGE_SHIFT)
+        tail = length - ((len(views) - 1) << PAGE_SHIFT)
         if tail < PAGE_SIZE:
             views[-1] = views[-1][:tail]
         return views
@@ -633,6 +715,7 @@ class PageCache:
         never reused (the pages get new ones if read again)."""
         for p in pages:
             p.data = b""
+            p.frames = None
 
     def _submit(self, pages: list[Page]) -> None:
         """Start one backend read for contiguous LOCKED pages, into their frames (a system
@@ -697,7 +780,7 @@ class PageCache:
         off, length = self._span(pages)
         if err is not None and not released:
             self._drop_frames(pages)
-        if err is not None and len(pages) > 1 and not self._closed:
+        if err is not None and _splittable(pages) and not self._closed:
             trio.lowlevel.spawn_system_task(self._retry_pages, pages, off, length,
                                             name="asyncfs-pageio-retry")
             return
@@ -715,7 +798,7 @@ class PageCache:
         if buf is not None and len(buf) != length:
             why = f"short read: {len(buf)} of {length} bytes at {off}"
             buf = None
-        if buf is None and len(pages) > 1 and not self._closed:
+        if buf is None and _splittable(pages) and not self._closed:
             trio.lowlevel.spawn_system_task(self._retry_pages, pages, off, length,
                                             name="asyncfs-pageio-retry")
             return
@@ -726,7 +809,7 @@ class PageCache:
         done = False
         try:
             buf, err, eio = await self._read_range(off, length)
-            if eio and len(pages) > 1 and not self._closed:
+            if eio and _splittable(pages) and not self._closed:
                 done = True
                 await self._retry_pages(pages, off, length)
                 return
@@ -743,14 +826,48 @@ class PageCache:
         self.inflight_io += len(pages) - 1  # each page now completes on its own
         self.backend_reads += len(pages)
         async with trio.open_nursery() as nursery:
-            for i, p in enumerate(pages):
-                p_off = off + (i << PAGE_SHIFT)
-                nursery.start_soon(self._retry_page, p, p_off,
-                                   min(PAGE_SIZE, off + length - p_off))
+            for p in pages:
+                p_off = p.index << PAGE_SHIFT
+                if p.nr > 1:
+                    nursery.start_soon(self._retry_folio, p, len(pages) > 1)
+                else:
+                    nursery.start_soon(self._retry_page, p, p_off,
+                                       min(PAGE_SIZE, off + length - p_off))
 
     async def _retry_page(self, page: Page, off: int, length: int) -> None:
         buf, err, _ = await self._read_range(off, length)
         self._complete([page], buf, err, off, length)
+
+    async def _retry_folio(self, folio: Page, reread: bool) -> None:
+        """A read that held ``folio`` failed: read the folio again on its own (``reread``:
+        the failed read held more than this folio); if that fails too, split it into its
+        pages and read those one by one, so only the pages that really fail get ERROR (a
+        folio lies whole inside the device, so each is a full page). Its waiters are then
+        woken with neither UPTODATE nor ERROR: they look their index up again and wait on
+        the page that replaced the folio there."""
+        if reread:
+            off = folio.index << PAGE_SHIFT
+            length = folio.nr << PAGE_SHIFT
+            buf, err, eio = await self._read_range(off, length)
+            if not eio or self._closed:
+                self._complete([folio], buf, err, off, length)
+                return
+        lru = self._lru
+        lru.remove(folio)
+        if folio.frames is not None:  # (none if the kernel may still write them)
+            self._arena.free_many(folio.frames)
+            folio.frames = None
+        keep = folio.flags & PG_RA_UNUSED
+        small = [Page(i, PG_LOCKED | keep) for i in range(folio.index, folio.index + folio.nr)]
+        for p in small:
+            lru.insert(p)
+        folio.flags &= ~(PG_READAHEAD | PG_RA_UNUSED)
+        self._wt.unlock_page(folio)
+        self.inflight_io += len(small) - 1
+        self.backend_reads += len(small) - 1
+        async with trio.open_nursery() as nursery:
+            for p in small:
+                nursery.start_soon(self._retry_page, p, p.index << PAGE_SHIFT, PAGE_SIZE)
 
     async def _read_range(self, off: int, length: int) -> tuple[bytes | None, str | None, bool]:
         """One backend read: ``(bytes, None, False)``, or ``(None, why, is_device_error)``.
@@ -829,6 +946,9 @@ class PageCache:
                 if isinstance(frame, memoryview):
                     free(frame)
                     p.data = b""
+                elif p.frames is not None:
+                    self._arena.free_many(p.frames)
+                    p.frames = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -143,11 +143,13 @@ class FileDeviceBase:
         buffers: the page cache's frames), or None when O_DIRECT cannot take them: an
         unaligned file position (a partition's start) or length (the device's short last
         page)."""
-        length = sum(map(len, views))
+        lens = list(map(len, views))
+        length = sum(lens)
         self._check(offset, length)
         fd, direct = self._route(length)
         pos = self._base + offset
-        if direct and (pos % ALIGN or any(len(v) % ALIGN for v in views)):
+        # (``ALIGN.__rmod__(n)`` is ``n % ALIGN``: the check runs in C over a folio's frames)
+        if direct and (pos % ALIGN or any(map(ALIGN.__rmod__, lens))):
             return None
         return fd, pos, length
 

@@ -81,10 +81,12 @@ class PageLRU:
         self.grown = 0  # pages added to ``limit`` by refaults
 
     def __len__(self) -> int:
+        """Cached pages, a folio counting as its ``nr`` pages (what ``limit`` bounds)."""
         return len(self.pages)
 
     def __iter__(self) -> Iterator[Page]:
-        return iter(self.pages.values())
+        """Each cached Page once (a folio is indexed under each of its indexes)."""
+        return (p for i, p in self.pages.items() if i == p.index)
 
     def lookup(self, index: int) -> Page | None:
         return self.pages.get(index)
@@ -93,18 +95,42 @@ class PageLRU:
         """Add a new page (normally LOCKED) at the young end of the inactive list. The caller
         runs ``shrink`` afterwards, once the new pages are in."""
         idx = page.index
-        if idx in self.pages:
-            raise KeyError(f"page {idx} already cached")
-        self.pages[idx] = page
+        pages = self.pages
         shadow = self._shadow
-        if shadow and shadow.get(idx >> SHADOW_SHIFT, 0) >> (idx & SHADOW_MASK) & 1:
+        if page.nr == 1:
+            if idx in pages:
+                raise KeyError(f"page {idx} already cached")
+            pages[idx] = page
+            refault = bool(shadow) and shadow.get(idx >> SHADOW_SHIFT, 0) >> (idx & SHADOW_MASK) & 1
+            if refault:
+                self._forget(idx)
+        else:
+            # A folio is aligned to its size, which divides a shadow group's: its shadow
+            # entries are one run of bits of one group.
+            span = range(idx, idx + page.nr)
+            if not pages.keys().isdisjoint(span):
+                raise KeyError(f"pages {idx}..{span[-1]} already partly cached")
+            pages.update(dict.fromkeys(span, page))
+            refault = 0
+            if shadow:
+                group = idx >> SHADOW_SHIFT
+                mask = shadow.get(group, 0)
+                bits = mask & (((1 << page.nr) - 1) << (idx & SHADOW_MASK))
+                if bits:
+                    refault = 1
+                    if mask == bits:
+                        del shadow[group]
+                    else:
+                        shadow[group] = mask & ~bits
+                    self._shadow_n -= bits.bit_count()
+        if refault:
             # Refault of a recently reclaimed page: it was part of a working set.
-            self._forget(idx)
             self.refaults += 1
-            if self.limit < self.max_limit:
+            grow = min(page.nr, self.max_limit - self.limit)
+            if grow > 0:
                 # Evicted too early: a bigger cache would have hit. Grow by this page.
-                self.limit += 1
-                self.grown += 1
+                self.limit += grow
+                self.grown += grow
             self._active[idx] = page
             page.lru = LRU_ACTIVE
         else:
@@ -130,7 +156,8 @@ class PageLRU:
         """Drop a page from the index and lists (not a reclaim: no counter)."""
         if self.pages.get(page.index) is not page:
             return
-        del self.pages[page.index]
+        for i in range(page.index, page.index + page.nr):
+            del self.pages[i]
         if page.lru == LRU_INACTIVE:
             del self._inactive[page.index]
         elif page.lru == LRU_ACTIVE:
@@ -165,6 +192,8 @@ class PageLRU:
             return []
         evicted: list[Page] = []
         inactive = self._inactive
+        pages = self.pages
+        n_evicted = 0
         for _ in range(2):
             if len(self._active) > len(inactive):
                 self._age_active(2 * excess + 32)
@@ -174,10 +203,16 @@ class PageLRU:
                 if page.flags & PG_LOCKED or page.refcount:
                     skipped.append(page)
                     continue
-                del self.pages[idx]
+                nr = page.nr
+                if nr == 1:
+                    del pages[idx]
+                else:
+                    for i in range(idx, idx + nr):
+                        del pages[i]
                 page.lru = LRU_NONE
                 evicted.append(page)
-                excess -= 1
+                excess -= nr
+                n_evicted += nr
             for page in skipped:
                 inactive[page.index] = page
             if excess <= 0:
@@ -187,11 +222,11 @@ class PageLRU:
             if not inactive:
                 break
         if evicted:
-            self._remember(evicted)
-        self.evictions += len(evicted)
+            self._remember(evicted, n_evicted)
+        self.evictions += n_evicted
         return evicted
 
-    def _remember(self, evicted: list[Page]) -> None:
+    def _remember(self, evicted: list[Page], n_pages: int) -> None:
         """Add shadow entries for reclaimed pages; then forget the oldest groups while more
         than ``max_limit`` entries are remembered. (A group keeps the age of its first entry.
         A reclaimed page's bit is never already set: inserting a page clears its bit.)"""
@@ -201,9 +236,9 @@ class PageLRU:
             idx = page.index
             group = idx >> SHADOW_SHIFT
             mask = get(group)
-            bit = 1 << (idx & SHADOW_MASK)
+            bit = ((1 << page.nr) - 1) << (idx & SHADOW_MASK)  # a folio: one run of bits
             shadow[group] = bit if mask is None else mask | bit
-        n = self._shadow_n + len(evicted)
+        n = self._shadow_n + n_pages
         cap = self.max_limit
         while n > cap:
             _, old = shadow.popitem(last=False)
@@ -242,7 +277,7 @@ class PageLRU:
         if self.pages.get(page.index) is not page or not self.evictable(page):
             return False
         self.remove(page)
-        self.evictions += 1
+        self.evictions += page.nr
         return True
 
     def counts(self) -> tuple[int, int]:

@@ -57,14 +57,22 @@ class Page:
 
     ``refcount`` pins the page against eviction while a read step copies from it (the
     kernel's page reference); parked waiters hold no reference.
+
+    ``nr`` > 1 makes it a *folio*: one Page for the ``nr`` consecutive indexes from ``index``
+    (aligned to ``nr``), with one set of flags, one lock and one wait queue for all of them;
+    the index maps each of its indexes to it. Its bytes are ``frames``, one frame per index
+    (``data`` stays ``b""``): frames come from one pool, whatever mix of pages and folios
+    the cache holds, so folios never strand memory that pages could use.
     """
 
-    __slots__ = ("data", "flags", "index", "lru", "refcount")
+    __slots__ = ("data", "flags", "frames", "index", "lru", "nr", "refcount")
 
-    def __init__(self, index: int, flags: int = 0) -> None:
+    def __init__(self, index: int, flags: int = 0, nr: int = 1) -> None:
         self.index = index
         self.flags = flags
+        self.nr = nr
         self.data: memoryview | bytes = b""
+        self.frames: list[memoryview] | None = None
         self.refcount = 0
         self.lru = LRU_NONE
 
@@ -84,4 +92,5 @@ class Page:
         return True
 
     def __repr__(self) -> str:
-        return f"Page({self.index}, {self.page_flags!r})"
+        nr = f", nr={self.nr}" if self.nr > 1 else ""
+        return f"Page({self.index}, {self.page_flags!r}{nr})"

@@ -61,7 +61,7 @@ async def test_eio_fails_only_reads_touching_the_range(fuzz_ext4: Path, fuzz_tre
     reader parked on a good page that was read in the same coalesced I/O as the bad one.
 
     Broken variant: ``PageCache._io_task`` without the per-page retry of a failed coalesced
-    read (``if eio and len(pages) > 1`` -> ``if False``): the parked reader at 100 KiB gets
+    read (``if eio and _splittable(pages)`` -> ``if False``): the parked reader at 100 KiB gets
     EIO."""
     want = (fuzz_tree / "files" / "big").read_bytes()
     async with faulty_stack(fuzz_ext4, readahead=0) as stack:

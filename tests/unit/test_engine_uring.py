@@ -119,10 +119,10 @@ async def test_failed_coalesced_callback_read_fails_only_bad_pages(
     page of a failed read with the error instead of retrying them one by one."""
     if variant == "broken" and kind == "into":
         monkeypatch.setattr(PageCache, "_into_done", mutant(
-            PageCache, "_into_done", "if err is not None and len(pages) > 1", "if False"))
+            PageCache, "_into_done", "if err is not None and _splittable(pages)", "if False"))
     elif variant == "broken":
         monkeypatch.setattr(PageCache, "_read_done", mutant(
-            PageCache, "_read_done", "if buf is None and len(pages) > 1", "if False"))
+            PageCache, "_read_done", "if buf is None and _splittable(pages)", "if False"))
     path, data = image
     dev, started = await _open(path, direct=True, kind=kind)
     cache = PageCache(dev, cache_bytes=SIZE)

@@ -134,10 +134,10 @@ def read_page(lru: PageLRU, index: int) -> bool:
 
 
 GROW_ON_EVERY_INSERT = (
-    "self.pages[idx] = page",
-    "self.pages[idx] = page; self.limit = min(self.limit + 1, self.max_limit)",
+    "pages[idx] = page",
+    "pages[idx] = page; self.limit = min(self.limit + 1, self.max_limit)",
 )
-NO_CAP = ("if self.limit < self.max_limit:", "if True:")
+NO_CAP = ("grow = min(page.nr, self.max_limit - self.limit)", "grow = page.nr")
 SHADOW_CAP_LIMIT = ("cap = self.max_limit", "cap = self.limit")
 
 
@@ -252,3 +252,43 @@ def test_shadow_set_of_a_long_stream_stays_small(
     assert sum(not read_page(lru, i) for i in range(68000, 68900)) == 900
     assert lru.refaults == 900
     assert (shadow_bytes < 1 << 20) == (variant == "kernel"), shadow_bytes
+
+
+@pytest.mark.parametrize("variant", ["kernel", "counts_a_folio_once", "remembers_its_head_only"])
+def test_folio_is_indexed_counted_and_remembered_as_its_pages(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folio of 16 pages is found under each of its 16 indexes and counts 16 against
+    ``limit``; reclaim drops all its indexes at once, counts 16 evictions and remembers all
+    16 (a later miss on any of them is a refault); a page or folio overlapping a cached folio
+    is refused.
+
+    Broken variants: ``counts_a_folio_once`` (reclaim takes a folio as one page and evicts
+    more than the excess); ``remembers_its_head_only`` (a miss inside a reclaimed folio is not
+    seen as a refault, so a re-read working set read by folios never grows the cache)."""
+    if variant == "counts_a_folio_once":
+        break_lru(monkeypatch, "shrink", ("excess -= nr", "excess -= 1"))
+    elif variant == "remembers_its_head_only":
+        break_lru(monkeypatch, "_remember", (
+            "bit = ((1 << page.nr) - 1) << (idx & SHADOW_MASK)",
+            "bit = 1 << (idx & SHADOW_MASK)"))
+    lru = PageLRU(40, 200)
+    folio = Page(16, 0, nr=16)
+    lru.insert(folio)
+    assert all(lru.lookup(i) is folio for i in range(16, 32)) and len(lru) == 16
+    assert lru.lookup(15) is None and lru.lookup(32) is None
+    for clash in (Page(20), Page(0, 0, nr=32)):
+        with pytest.raises(KeyError):
+            lru.insert(clash)
+    assert len(lru) == 16 and sum(1 for _ in lru) == 1
+    fill(lru, range(64, 64 + 40))  # 56 pages cached: the folio is the oldest
+    lru.shrink()
+    counted = (len(lru) == 40 and lru.evictions == 16
+               and all(lru.lookup(i) is None for i in range(16, 32)))
+    refault = Page(27)
+    lru.insert(refault)  # a page of the reclaimed folio is read again
+    remembered = lru.refaults == 1 and refault.lru != LRU_INACTIVE
+    assert (counted, remembered) == {
+        "kernel": (True, True), "counts_a_folio_once": (False, True),
+        "remembers_its_head_only": (True, False),
+    }[variant]
