@@ -1,10 +1,11 @@
 """Page frames: the memory cached pages live in (the kernel's free page pool, in miniature).
 
-Each cached page owns one ``PAGE_SIZE`` *frame*, a slot of an anonymous ``mmap`` chunk. The backend
-reads straight into the frames of the pages it fills (``readv`` with one iovec per page), so a
-page's bytes are never copied out of a bounce buffer, and O_DIRECT reads need no bounce buffer
-at all (frames are page-aligned). With one ``bytes`` object per page, a stream copied every
-page out of the read's buffer and touched fresh heap memory while the cache filled.
+Each cached page owns one ``PAGE_SIZE`` *frame* (a folio one per page it covers), a slot of an
+anonymous ``mmap`` chunk. The backend reads straight into the frames of the pages it fills
+(``readv`` with one iovec per frame), so a page's bytes are never copied out of a bounce
+buffer, and O_DIRECT reads need no bounce buffer at all (frames are page-aligned). With one
+``bytes`` object per page, a stream copied every page out of the read's buffer and touched
+fresh heap memory while the cache filled.
 
 Chunks are mapped with ``MAP_POPULATE`` *on a worker thread* (``mmap`` releases the GIL), one
 chunk ahead of need, so their first-touch faults are taken off the trio thread; frames of
@@ -90,13 +91,21 @@ class PageArena:
         return view[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]
 
     def alloc_many(self, n: int) -> list[memoryview]:
-        """``n`` frames (a folio's), as ``alloc`` would give them one by one."""
+        """``n`` frames (a folio's), as ``alloc`` would give them one by one; on OSError
+        (no memory) the ones already taken go back first."""
         free = self._free
         if len(free) >= n:
             frames = free[-n:]
             del free[-n:]
             return frames
-        return [self.alloc() for _ in range(n)]
+        frames = []
+        try:
+            for _ in range(n):
+                frames.append(self.alloc())
+        except BaseException:
+            free.extend(frames)  # never handed out: reusable at once
+            raise
+        return frames
 
     def free(self, frame: memoryview) -> None:
         """Give a frame back. It is reused only after the next ``quiesce``."""

@@ -827,10 +827,10 @@ class PageCache:
         self.backend_reads += len(pages)
         async with trio.open_nursery() as nursery:
             for p in pages:
-                p_off = p.index << PAGE_SHIFT
                 if p.nr > 1:
                     nursery.start_soon(self._retry_folio, p, len(pages) > 1)
                 else:
+                    p_off = p.index << PAGE_SHIFT
                     nursery.start_soon(self._retry_page, p, p_off,
                                        min(PAGE_SIZE, off + length - p_off))
 

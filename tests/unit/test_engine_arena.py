@@ -260,6 +260,35 @@ class ExhaustedArena(PageArena):
         return super().alloc()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_folio_frames_come_whole_or_not_at_all(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``alloc_many`` takes a folio's frames from the free list, distinct; when memory runs
+    out part way (mmap failing), the frames it had already taken go back to the free list
+    (a later folio gets them), none is lost.
+
+    Broken variant: ``alloc_many`` without giving the taken frames back (they leak: the
+    free list is empty after the failure)."""
+    if variant == "broken":
+        breaks(variant, monkeypatch, PageArena, "alloc_many",
+               "free.extend(frames)  # never handed out: reusable at once", "pass")
+    arena = PageArena(4, ahead=False)
+    frames = arena.alloc_many(3)
+    assert len({addr(f) for f in frames}) == 3 and arena.frames == 3
+    arena.free_many(frames)
+    arena.quiesce()
+    assert arena.free_frames == 3
+    monkeypatch.setattr(arena_mod, "_map_chunk", _no_memory)
+    with pytest.raises(OSError):
+        arena.alloc_many(6)  # 3 free + the chunk's last 1, then a chunk it cannot map
+    assert (arena.free_frames == 4) == (variant == "kernel")
+
+
+def _no_memory(nbytes: int) -> mmap.mmap:
+    raise OSError(12, "Cannot allocate memory")
+
+
 @pytest.mark.parametrize(("host_cached", "variant"), [
     (False, "kernel"), (False, "broken"), (True, "kernel"), (True, "broken"),
     (True, "broken-retry"),  # only a synchronous failure (the probe's) can be retried at once
