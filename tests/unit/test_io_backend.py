@@ -124,7 +124,7 @@ class _ScriptedHostCache:
     EAGAIN while ``cold`` and reads the real file (blocking) once warm, and every such call is
     counted. A real cold probe is not always a miss: it starts the kernel's read of the page,
     and on a fast disk that read can finish before the probe looks again (about 1 probe in
-    300 here, which made CI fail once), so a test of the back-off bookkeeping scripts it."""
+    1,500 here, which made CI fail once), so a test of the back-off bookkeeping scripts it."""
 
     def __init__(self) -> None:
         self.cold = True

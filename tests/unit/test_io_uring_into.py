@@ -232,7 +232,7 @@ async def test_read_nowait_into_fills_only_from_the_host_cache(
     direct = await open_uring(path, True)
     try:
         # A probe that misses starts the kernel's read of the page, and on a fast disk that
-        # read can finish before the probe looks again (about 1 probe in 300 here), so a
+        # read can finish before the probe looks again (about 1 probe in 1,500 here), so a
         # cold range counts as served only if three separate ones all are.
         seen["cold"] = all([probe(buffered, off, 2 * PAGE) for off in COLD_OFFSETS])
         path.read_bytes()  # now the host caches every page
