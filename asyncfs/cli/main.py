@@ -148,8 +148,8 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
         f"{int(data.get('backend_bytes', 0)) / mib:.1f} MiB, {data.get('inflight_io')} in flight",
         f"waiters   {data.get('parked_now')} parked now, {data.get('parked_total')} in total, "
         f"{data.get('wakeups', 0)} wakeups",
-        f"readahead {data.get('readahead_pages')} pages issued, "
-        f"{data.get('readahead_used', 0)} used; "
+        f"readahead {data.get('readahead_pages')} pages issued "
+        f"({data.get('folios_created', 0)} folios made), {data.get('readahead_used', 0)} used; "
         f"{data.get('device_readahead_windows', 0)} metadata/small-file windows, "
         f"{data.get('refault_around_pages', 0)} pages read back around refaults",
         f"kernel    {data.get('pushed_files', 0)} small files stored into the kernel's cache "
