@@ -94,43 +94,53 @@ class PageLRU:
     def insert(self, page: Page) -> None:
         """Add a new page (normally LOCKED) at the young end of the inactive list. The caller
         runs ``shrink`` afterwards, once the new pages are in."""
+        if page.nr > 1:
+            self._insert_folio(page)
+            return
         idx = page.index
         pages = self.pages
+        if idx in pages:
+            raise KeyError(f"page {idx} already cached")
+        pages[idx] = page
         shadow = self._shadow
-        if page.nr == 1:
-            if idx in pages:
-                raise KeyError(f"page {idx} already cached")
-            pages[idx] = page
-            refault = bool(shadow) and shadow.get(idx >> SHADOW_SHIFT, 0) >> (idx & SHADOW_MASK) & 1
-            if refault:
-                self._forget(idx)
-        else:
-            # A folio is aligned to its size, which divides a shadow group's: its shadow
-            # entries are one run of bits of one group.
-            span = range(idx, idx + page.nr)
-            if not pages.keys().isdisjoint(span):
-                raise KeyError(f"pages {idx}..{span[-1]} already partly cached")
-            pages.update(dict.fromkeys(span, page))
-            refault = 0
-            if shadow:
-                group = idx >> SHADOW_SHIFT
-                mask = shadow.get(group, 0)
-                bits = mask & (((1 << page.nr) - 1) << (idx & SHADOW_MASK))
-                if bits:
-                    refault = 1
-                    if mask == bits:
-                        del shadow[group]
-                    else:
-                        shadow[group] = mask & ~bits
-                    self._shadow_n -= bits.bit_count()
-        if refault:
+        if shadow and shadow.get(idx >> SHADOW_SHIFT, 0) >> (idx & SHADOW_MASK) & 1:
             # Refault of a recently reclaimed page: it was part of a working set.
+            self._forget(idx)
+            self.refaults += 1
+            if self.limit < self.max_limit:
+                # Evicted too early: a bigger cache would have hit. Grow by this page.
+                self.limit += 1
+                self.grown += 1
+            self._active[idx] = page
+            page.lru = LRU_ACTIVE
+        else:
+            self._inactive[idx] = page
+            page.lru = LRU_INACTIVE
+
+    def _insert_folio(self, page: Page) -> None:
+        """``insert`` for a folio: indexed under each of its indexes; a refault if any of them
+        is remembered, and then the cache grows by its pages. (A folio is aligned to its
+        size, which divides a shadow group's: its shadow entries are one run of bits.)"""
+        idx = page.index
+        pages = self.pages
+        span = range(idx, idx + page.nr)
+        if not pages.keys().isdisjoint(span):
+            raise KeyError(f"pages {idx}..{span[-1]} already partly cached")
+        pages.update(dict.fromkeys(span, page))
+        shadow = self._shadow
+        group = idx >> SHADOW_SHIFT
+        mask = shadow.get(group, 0)
+        bits = mask & (((1 << page.nr) - 1) << (idx & SHADOW_MASK))
+        if bits:
+            if mask == bits:
+                del shadow[group]
+            else:
+                shadow[group] = mask & ~bits
+            self._shadow_n -= bits.bit_count()
             self.refaults += 1
             grow = min(page.nr, self.max_limit - self.limit)
-            if grow > 0:
-                # Evicted too early: a bigger cache would have hit. Grow by this page.
-                self.limit += grow
-                self.grown += grow
+            self.limit += grow
+            self.grown += grow
             self._active[idx] = page
             page.lru = LRU_ACTIVE
         else:

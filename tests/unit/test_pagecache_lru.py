@@ -137,7 +137,7 @@ GROW_ON_EVERY_INSERT = (
     "pages[idx] = page",
     "pages[idx] = page; self.limit = min(self.limit + 1, self.max_limit)",
 )
-NO_CAP = ("grow = min(page.nr, self.max_limit - self.limit)", "grow = page.nr")
+NO_CAP = ("if self.limit < self.max_limit:", "if True:")
 SHADOW_CAP_LIMIT = ("cap = self.max_limit", "cap = self.limit")
 
 
@@ -292,3 +292,27 @@ def test_folio_is_indexed_counted_and_remembered_as_its_pages(
         "kernel": (True, True), "counts_a_folio_once": (False, True),
         "remembers_its_head_only": (True, False),
     }[variant]
+
+
+@pytest.mark.parametrize("variant", ["kernel", "grows_by_one"])
+def test_refaulting_folio_grows_the_cache_by_its_pages(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folio read again soon after it was reclaimed is a refault: it is put on the active
+    list and the cache grows by its 16 pages (within the ceiling), so it fits next to the
+    folio that pushed it out. Broken variant: ``grows_by_one`` (the cache grows by one page
+    per refaulting folio and keeps evicting the working set)."""
+    if variant == "grows_by_one":
+        break_lru(monkeypatch, "_insert_folio", (
+            "grow = min(page.nr, self.max_limit - self.limit)", "grow = 1"))
+    lru = PageLRU(16, 64)
+    lru.insert(Page(0, 0, nr=16))
+    lru.insert(Page(16, 0, nr=16))
+    lru.shrink()  # the older folio goes, remembered
+    assert lru.lookup(0) is None and len(lru) == 16
+    again = Page(0, 0, nr=16)
+    lru.insert(again)
+    lru.shrink()
+    both = lru.lookup(5) is again and lru.lookup(20) is not None
+    assert (lru.refaults, again.lru != LRU_INACTIVE) == (1, True)
+    assert (lru.limit == 32 and both) == (variant == "kernel")
