@@ -23,7 +23,7 @@ from typing import Literal
 
 import trio
 
-from asyncfs.engine.arena import PageArena
+from asyncfs.engine.arena import FOLIO_PAGES, PageArena
 from asyncfs.engine.interfaces import FileMap
 from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
@@ -48,10 +48,10 @@ log = logging.getLogger(__name__)
 
 # Largest single backend read the cache submits (1 MiB, in pages); longer runs are split.
 MAX_IO_PAGES = (1 << 20) >> PAGE_SHIFT
-# Pages of a folio (64 KiB): a file readahead window covers each aligned group of this many
-# pages that it reads whole with one folio, so a stream costs one Page, one lock, one wake and
-# one reclaim per 64 KiB instead of per 4 KiB. Random reads and metadata keep 4 KiB pages.
-FOLIO_PAGES = 16
+# A folio is one block of the arena (``FOLIO_PAGES``, 64 KiB): a file readahead window covers
+# each aligned group of that many pages that it reads whole with one folio, so a stream costs
+# one Page, one lock, one wake, one iovec and one reclaim per 64 KiB instead of per 4 KiB.
+# Random reads and metadata keep 4 KiB pages.
 assert FOLIO_PAGES <= 1 << SHADOW_SHIFT  # a folio's shadow entries lie in one group
 _ZEROS = bytes(1 << 20)
 _SPECIAL = PG_READAHEAD | PG_RA_UNUSED
@@ -106,6 +106,9 @@ class PageCache:
     ) -> None:
         self._dev = device
         self._arena = arena if arena is not None else PageArena()
+        self._folio_pages = self._arena.block_frames  # pages of a folio
+        if self._folio_pages > 1 << SHADOW_SHIFT:
+            raise ValueError("a folio's pages must lie in one shadow group")
         self._dev_size = device.size
         # ``cache_bytes`` is where the cache starts; it grows towards ``cache_max_bytes`` only
         # on refaults (PageLRU), so a stream never pays for touching the larger ceiling.
@@ -354,55 +357,19 @@ class PageCache:
                     p.flags = flags = flags & ~PG_RA_UNUSED
             if p.lru != LRU_ACTIVE or not flags & PG_REFERENCED:
                 lru.mark_accessed(p)
-            if p.nr == 1:
-                base = idx << PAGE_SHIFT
-                if off == base and end - base >= PAGE_SIZE:
-                    append(p.data)  # whole page (a short last page never gets here)
-                    off = base + PAGE_SIZE
-                else:
-                    pend = base + PAGE_SIZE
-                    if pend > end:
-                        pend = end
-                    append(memoryview(p.data)[off - base : pend - base])
-                    off = pend
-                idx += 1
+            base = p.index << PAGE_SHIFT  # (a folio's first page may lie before ``off``)
+            pend = base + (p.nr << PAGE_SHIFT)
+            if off == base and end >= pend:
+                append(p.data)  # the whole page or folio (a short last page never gets here)
+                off = pend
             else:
-                off = self._copy_folio(p, off, end, parts)
-                idx = p.index + p.nr
+                if pend > end:
+                    pend = end
+                append(p.data[off - base : pend - base])
+                off = pend
+            idx = p.index + p.nr
         n = idx - start_idx
         self.hits += n
-        return off
-
-    @staticmethod
-    def _copy_folio(folio: Page, off: int, end: int,
-                    parts: list[bytes | bytearray | memoryview]) -> int:
-        """``_copy_prefix`` for an UPTODATE folio (``off`` inside it): its frames, or the
-        parts of them, that ``[off, end)`` covers; returns where that stopped."""
-        frames = folio.frames
-        assert frames is not None  # UPTODATE: its frames hold the bytes
-        base = folio.index << PAGE_SHIFT
-        fend = base + (folio.nr << PAGE_SHIFT)
-        if off == base and end >= fend:
-            parts.extend(frames)
-            return fend
-        stop = end if end < fend else fend
-        k = (off - base) >> PAGE_SHIFT
-        within = off - base - (k << PAGE_SHIFT)
-        if within:  # a part of the first frame
-            pend = off - within + PAGE_SIZE
-            if pend > stop:
-                pend = stop
-            parts.append(frames[k][within : pend - off + within])
-            off = pend
-            k += 1
-        whole = (stop - base) >> PAGE_SHIFT  # frames before this one end by ``stop``
-        if whole > k:
-            parts.extend(frames[k:whole])
-            off = base + (whole << PAGE_SHIFT)
-            k = whole
-        if off < stop:  # a head of the last frame
-            parts.append(frames[k][: stop - off])
-            off = stop
         return off
 
     async def _read_slow(
@@ -602,9 +569,11 @@ class PageCache:
     async def _submit_window(self, ctx: _FileCtx, win: ReadaheadWindow) -> None:
         """Map file pages ``win`` onto the device and read the missing ones, one I/O per
         contiguous device run; the marker goes on its page only if this window created it.
-        Each ``FOLIO_PAGES``-aligned group of missing pages that lies whole inside one mapped
-        run becomes one folio (``page_cache_ra_order``), except the marker's: the marker stays
-        on a page of its own, so a hit on it reports its exact index.
+        Each folio-aligned group of missing pages that lies whole inside one mapped run becomes
+        one folio (``page_cache_ra_order``), in a whole block of the arena, except the
+        marker's: the marker stays on a page of its own, so a hit on it reports its exact
+        index. Where the arena has no block to give, the group is read as pages (the kernel's
+        fallback to order 0).
         (One pass per mapped run: on a stream this loop runs for every page read, so it does
         no more than create, flag and insert each page.)"""
         if self._closed:
@@ -616,7 +585,9 @@ class PageCache:
         last_dev = (dev_size - 1) >> PAGE_SHIFT
         req_first, req_last = ctx.req_first, ctx.req_last
         marker_byte = win.marker << PAGE_SHIFT if win.marker is not None else -1
-        fmask = FOLIO_PAGES - 1
+        fnr = self._folio_pages
+        fmask = fnr - 1
+        alloc_block = self._arena.alloc_block
         whole_dev = dev_size >> PAGE_SHIFT  # pages before a short last page
         batch: list[Page] = []
         batched = created = ra_created = folios = 0
@@ -643,11 +614,17 @@ class PageCache:
                     idx += 1
                     continue
                 nr = 1
-                if (not idx & fmask and whole_first <= idx and idx + FOLIO_PAGES <= whole_end
-                        and not idx <= marker_dev < idx + FOLIO_PAGES
-                        and pages.keys().isdisjoint(range(idx + 1, idx + FOLIO_PAGES))):
-                    nr = FOLIO_PAGES
-                    folios += 1
+                block = None
+                if (fnr > 1 and not idx & fmask and whole_first <= idx
+                        and idx + fnr <= whole_end and not idx <= marker_dev < idx + fnr
+                        and pages.keys().isdisjoint(range(idx + 1, idx + fnr))):
+                    try:
+                        block = alloc_block()
+                    except OSError:  # no memory: pages, whose reads report it
+                        block = None
+                    if block is not None:
+                        nr = fnr
+                        folios += 1
                 # A page shared by two runs (blocks smaller than a page) is created by the
                 # first; it counts as readahead only if outside the request.
                 fpage = (f0 + max(idx << PAGE_SHIFT, d0) - d0) >> PAGE_SHIFT
@@ -658,6 +635,8 @@ class PageCache:
                 if idx == marker_dev:
                     flags |= PG_READAHEAD
                 p = Page(idx, flags, nr)
+                if block is not None:
+                    p.pfn, p.data = block
                 insert(p)
                 created += nr
                 if batch and (idx != batch[-1].index + batch[-1].nr
@@ -684,29 +663,27 @@ class PageCache:
         return off, min(((last.index + last.nr) << PAGE_SHIFT) - off, self._dev_size - off)
 
     def _frames(self, pages: list[Page], length: int) -> list[memoryview] | None:
-        """The frames of ``pages`` (given one where a page has none), the last one cut to
-        the device's end: what a read of ``length`` bytes into them fills. None when the
-        arena cannot map more memory (the read then completes with an error: a reader gets
-        EIO, not a hang)."""
-        alloc = self._arena.alloc
+        """The frames of ``pages``, one per page or folio (given one where it has none), the
+        last cut to the device's end: what a read of ``length`` bytes into them fills. None
+        when the arena cannot map more memory (the read then completes with an error: a
+        reader gets EIO, not a hang)."""
+        arena = self._arena
         views = []
         try:
             for p in pages:
-                if p.nr == 1:
-                    frame = p.data
-                    if not isinstance(frame, memoryview):
-                        frame = p.data = alloc()
-                    views.append(frame)
-                else:
-                    frames = p.frames
-                    if frames is None:
-                        frames = p.frames = self._arena.alloc_many(p.nr)
-                    views.extend(frames)
+                frame = p.data
+                if not isinstance(frame, memoryview):
+                    # (a folio has its block from its creation, unless a read failed in flight)
+                    got = arena.alloc() if p.nr == 1 else arena.alloc_block(force=True)
+                    assert got is not None  # (``force``)
+                    p.pfn, frame = got
+                    p.data = frame
+                views.append(frame)
         except (OSError, MemoryError) as exc:
-            log.warning("no memory for %d page frames: %s", len(pages), exc)
+            log.warning("no memory for the frames of %d pages: %s", len(pages), exc)
             return None
-        tail = length - ((len(views) - 1) << PAGE_SHIFT)
-        if tail < PAGE_SIZE:
+        tail = length - ((pages[-1].index - pages[0].index) << PAGE_SHIFT)
+        if tail < len(views[-1]):
             views[-1] = views[-1][:tail]
         return views
 
@@ -715,7 +692,7 @@ class PageCache:
         never reused (the pages get new ones if read again)."""
         for p in pages:
             p.data = b""
-            p.frames = None
+            p.pfn = -1
 
     def _submit(self, pages: list[Page]) -> None:
         """Start one backend read for contiguous LOCKED pages, into their frames (a system
@@ -854,9 +831,10 @@ class PageCache:
                 return
         lru = self._lru
         lru.remove(folio)
-        if folio.frames is not None:  # (none if the kernel may still write them)
-            self._arena.free_many(folio.frames)
-            folio.frames = None
+        if folio.pfn >= 0:  # (none if the kernel may still write it)
+            self._arena.free_block(folio.pfn)
+            folio.pfn = -1
+            folio.data = b""
         keep = folio.flags & PG_RA_UNUSED
         small = [Page(i, PG_LOCKED | keep) for i in range(folio.index, folio.index + folio.nr)]
         for p in small:
@@ -940,15 +918,15 @@ class PageCache:
     def _shrink(self) -> None:
         lru = self._lru
         if len(lru.pages) > lru.limit:
-            free = self._arena.free
+            arena = self._arena
             for p in lru.shrink():
-                frame = p.data
-                if isinstance(frame, memoryview):
-                    free(frame)
+                if p.pfn >= 0:
+                    if p.nr == 1:
+                        arena.free(p.pfn)
+                    else:
+                        arena.free_block(p.pfn)
+                    p.pfn = -1
                     p.data = b""
-                elif p.frames is not None:
-                    self._arena.free_many(p.frames)
-                    p.frames = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -52,27 +52,28 @@ class Page:
     """A page of the device: ``index`` is the key, ``data`` valid only when UPTODATE.
 
     ``data`` is the page's frame (a ``PAGE_SIZE`` ``memoryview`` the engine's arena hands out,
-    which the backend reads into), or ``b""`` while it has none. A frame is whole even for the
-    short last page of a device: the bytes past the device end are never read.
+    which the backend reads into), or ``b""`` while it has none; ``pfn`` is the frame's number
+    in the arena (-1 while it has none). A frame is whole even for the short last page of a
+    device: the bytes past the device end are never read.
 
     ``refcount`` pins the page against eviction while a read step copies from it (the
     kernel's page reference); parked waiters hold no reference.
 
     ``nr`` > 1 makes it a *folio*: one Page for the ``nr`` consecutive indexes from ``index``
     (aligned to ``nr``), with one set of flags, one lock and one wait queue for all of them;
-    the index maps each of its indexes to it. Its bytes are ``frames``, one frame per index
-    (``data`` stays ``b""``): frames come from one pool, whatever mix of pages and folios
-    the cache holds, so folios never strand memory that pages could use.
+    the index maps each of its indexes to it. Its ``data`` is one contiguous frame of ``nr``
+    pages (a whole block of the arena), so a read of it is one slice and its backend read one
+    iovec.
     """
 
-    __slots__ = ("data", "flags", "frames", "index", "lru", "nr", "refcount")
+    __slots__ = ("data", "flags", "index", "lru", "nr", "pfn", "refcount")
 
     def __init__(self, index: int, flags: int = 0, nr: int = 1) -> None:
         self.index = index
         self.flags = flags
         self.nr = nr
         self.data: memoryview | bytes = b""
-        self.frames: list[memoryview] | None = None
+        self.pfn = -1
         self.refcount = 0
         self.lru = LRU_NONE
 

@@ -7,7 +7,9 @@ never given back."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
+import random
 import threading
 from typing import Any
 
@@ -35,53 +37,149 @@ def addr(view: memoryview) -> int:
 def broken_free(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The broken arena: a freed frame is reusable at once (no pending list)."""
     breaks(variant, monkeypatch, PageArena, "free",
-           "self._pending.append(frame)", "self._free.append(frame)")
+           "self._pending.append(pfn)", "self._pending.append(pfn); self.quiesce()")
+
+
+def span(view: memoryview) -> range:
+    """The addresses a frame or block covers."""
+    return range(addr(view), addr(view) + len(view))
 
 
 # -- the frames themselves ------------------------------------------------------------------
-def test_frames_are_distinct_writable_aligned_pages() -> None:
-    """Ten frames over three chunks of four: each is FRAME_SIZE writable bytes at a
-    page-aligned address, and a pattern written into each survives writes into all the
-    others (no two frames overlap)."""
-    arena = PageArena(4, ahead=False)
-    frames = [arena.alloc() for _ in range(10)]
+def test_frames_and_blocks_are_distinct_writable_aligned() -> None:
+    """Ten page frames and two folio blocks over chunks of eight frames in blocks of four:
+    each frame is FRAME_SIZE writable bytes at a page-aligned address, each block
+    ``block_frames`` contiguous frames at an address aligned to the block within its chunk,
+    and a pattern written into each survives writes into all the others (none overlap)."""
+    arena = PageArena(8, block_frames=4, ahead=False)
+    got = [arena.alloc() for _ in range(10)]  # three blocks split, two frames left free
+    blocks = [arena.alloc_block(), arena.alloc_block()]
     assert FRAME_SIZE == PAGE_SIZE
-    assert arena.chunks == 3 and arena.frames == 10 and arena.maps_inline == 3
-    for i, f in enumerate(frames):
-        assert len(f) == FRAME_SIZE and f.nbytes == FRAME_SIZE and not f.readonly
-        assert addr(f) % mmap.PAGESIZE == 0  # what O_DIRECT needs
-        f[:] = pattern(FRAME_SIZE, seed=i + 1)
-    assert len({addr(f) for f in frames}) == 10
-    for i, f in enumerate(frames):
-        assert bytes(f) == pattern(FRAME_SIZE, seed=i + 1), i
+    assert all(b is not None for b in blocks)
+    got += [b for b in blocks if b is not None]
+    assert arena.chunks == 3 and arena.frames == 20 and arena.maps_inline == 3
+    assert arena.free_frames == 2
+    assert len({pfn for pfn, _ in got}) == 12
+    for i, (pfn, v) in enumerate(got):
+        n = 1 if i < 10 else 4
+        assert len(v) == n * FRAME_SIZE and v.nbytes == n * FRAME_SIZE and not v.readonly
+        assert addr(v) % mmap.PAGESIZE == 0  # what O_DIRECT needs
+        assert pfn % n == 0
+        v[:] = pattern(len(v), seed=i + 1)
+    for i, (_, v) in enumerate(got):
+        assert bytes(v) == pattern(len(v), seed=i + 1), i
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_freed_frame_is_reused_only_after_quiesce(
     variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A freed frame waits on the pending list: the next ``alloc`` carves another one; after
-    ``quiesce`` the freed frame is handed out again (and carving stops).
+    """A freed frame waits on the pending list: the next ``alloc`` takes another one; after
+    ``quiesce`` the freed frame is handed out again (and nothing more is carved).
 
-    Broken variant: ``free`` appending straight to ``_free`` (the next alloc of the same step
+    Broken variant: ``free`` giving the frame back at once (the next alloc of the same step
     gets the frame a reader may still be holding a view of)."""
     broken_free(variant, monkeypatch)
-    arena = PageArena(4, ahead=False)
-    a = arena.alloc()
-    a_addr = addr(a)
+    arena = PageArena(8, block_frames=4, ahead=False)
+    a, _ = arena.alloc()
     arena.free(a)
-    b = arena.alloc()
-    reused_early = addr(b) == a_addr
-    assert reused_early == (variant == "broken")
+    b, _ = arena.alloc()
+    assert (b == a) == (variant == "broken")
     if variant == "broken":
         return
-    assert arena.pending_frames == 1 and arena.free_frames == 0 and arena.frames == 2
+    assert arena.pending_frames == 1 and arena.free_frames == 2 and arena.frames == 4
     arena.quiesce()
-    assert arena.pending_frames == 0 and arena.free_frames == 1
-    c = arena.alloc()
-    assert addr(c) == a_addr and arena.frames == 2  # reused, not carved
+    assert arena.pending_frames == 0 and arena.free_frames == 3
+    c, _ = arena.alloc()
+    assert c == a and arena.frames == 4  # reused, not carved
     arena.quiesce()  # nothing pending: a no-op
-    assert arena.free_frames == 0
+    assert arena.free_frames == 2
+
+
+@pytest.mark.parametrize("variant", ["kernel", "merge-early", "no-slack"])
+def test_blocks_split_for_pages_and_merge_back_whole(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two-order buddy allocator, over 3,000 random steps (page frames and folio blocks
+    taken and given back, quiesce between): no two live frames or blocks ever overlap, a
+    split block comes back whole only once all its frames are free, and the arena never
+    holds more than its peak of live and pending frames plus ``slack_frames`` and a block
+    (a folio gets no fresh block while split blocks hold that many free frames).
+
+    Broken variants: ``merge-early`` (a split block merges when all but one frame are free:
+    a folio then overlaps a live page); ``no-slack`` (a folio always gets a block, carved
+    from fresh memory while freed page frames lie stranded: the arena outgrows the bound)."""
+    if variant == "merge-early":
+        breaks(variant, monkeypatch, PageArena, "quiesce",
+               "if k == n:  # every frame", "if k == n - 1:  # every frame")
+    elif variant == "no-slack":
+        breaks(variant, monkeypatch, PageArena, "alloc_block",
+               "elif self._nfree >= self.slack_frames and not force:", "elif False:")
+    arena = PageArena(32, block_frames=4, slack_frames=8, ahead=False)
+    rng = random.Random(5)
+    live: dict[int, tuple[int, memoryview]] = {}  # pfn -> (frames, view)
+    pending = peak = 0
+    overlap = outgrown = declined = False
+
+    def took(pfn: int, n: int, view: memoryview) -> None:
+        nonlocal overlap, peak
+        overlap = overlap or pfn in live
+        live[pfn] = (n, view)
+        peak = max(peak, sum(k for k, _ in live.values()) + pending)
+
+    def give_back(share: float, n: int) -> None:
+        nonlocal pending
+        mine = [pfn for pfn, (k, _) in live.items() if k == n]
+        for pfn in rng.sample(mine, int(len(mine) * share)):
+            live.pop(pfn)
+            (arena.free if n == 1 else arena.free_block)(pfn)
+            pending += n
+
+    for _ in range(60):  # a burst of pages, some freed (fragmenting blocks), then folios
+        for _ in range(rng.randrange(10, 60)):
+            pfn, view = arena.alloc()
+            took(pfn, 1, view)
+        give_back(rng.random(), 1)
+        if rng.random() < 0.7:
+            arena.quiesce()
+            pending = 0
+        for _ in range(rng.randrange(1, 10)):
+            got = arena.alloc_block()
+            if got is None:
+                declined = True
+            else:
+                took(got[0], 4, got[1])
+        give_back(rng.random(), 4)
+        arena.quiesce()
+        pending = 0
+        outgrown = outgrown or arena.frames > peak + arena.slack_frames + 4
+        spans = sorted((addr(v), addr(v) + len(v)) for _, v in live.values())
+        overlap = overlap or any(a[1] > b[0] for a, b in itertools.pairwise(spans))
+    assert declined or variant == "no-slack"  # the slack rule was exercised
+    if variant == "merge-early":
+        assert overlap  # (its free counts are wrong from then on: growth says nothing)
+    else:
+        assert (overlap, outgrown) == (False, variant == "no-slack")
+
+
+def test_no_fresh_block_while_page_frames_are_stranded() -> None:
+    """A folio gets no fresh block while ``slack_frames`` page frames lie free in split
+    blocks (``force`` gets one anyway: a folio whose block was dropped), and it gets the
+    block back whole once all of that block's pages are freed."""
+    arena = PageArena(16, block_frames=4, slack_frames=4, ahead=False)
+    pfns = [arena.alloc()[0] for _ in range(16)]  # four blocks, split and full
+    for pfn in pfns[1::4]:  # one frame of each block
+        arena.free(pfn)
+    arena.quiesce()
+    assert arena.free_frames == 4 and arena.alloc_block() is None
+    forced = arena.alloc_block(force=True)
+    assert forced is not None and arena.frames == 20
+    for pfn in pfns[4:8]:
+        if pfn != pfns[5]:
+            arena.free(pfn)
+    arena.quiesce()
+    again = arena.alloc_block()
+    assert again is not None and again[0] == pfns[4] and len(again[1]) == 4 * FRAME_SIZE
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -104,12 +202,12 @@ async def test_next_chunk_is_mapped_ahead_on_a_worker_thread(
         return real_map(nbytes)
 
     monkeypatch.setattr(arena_mod, "_map_chunk", recording_map)
-    arena = PageArena(16)
-    frames = [arena.alloc() for _ in range(9)]  # the 9th (index 8) is past the half
+    arena = PageArena(16, block_frames=2)
+    frames = [arena.alloc()[1] for _ in range(9)]  # the 5th block (of 8) is past the half
     with trio.fail_after(5):
         while arena._spare_wanted and arena._spare is None:
             await trio.sleep(0.001)
-    frames += [arena.alloc() for _ in range(7 + 2)]  # the rest, and two of the next chunk
+    frames += [arena.alloc()[1] for _ in range(7 + 2)]  # the rest, and two of the next chunk
     assert arena.chunks == 2 and arena.frames == 18
     assert len({addr(f) for f in frames}) == 18
     assert arena.maps_inline == (1 if variant == "kernel" else 2)
@@ -254,39 +352,15 @@ class ExhaustedArena(PageArena):
 
     exhausted = True
 
-    def alloc(self) -> memoryview:
+    def alloc(self) -> tuple[int, memoryview]:
         if self.exhausted:
             raise MemoryError("mmap: cannot allocate memory")
         return super().alloc()
 
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_folio_frames_come_whole_or_not_at_all(
-    variant: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``alloc_many`` takes a folio's frames from the free list, distinct; when memory runs
-    out part way (mmap failing), the frames it had already taken go back to the free list
-    (a later folio gets them), none is lost.
-
-    Broken variant: ``alloc_many`` without giving the taken frames back (they leak: the
-    free list is empty after the failure)."""
-    if variant == "broken":
-        breaks(variant, monkeypatch, PageArena, "alloc_many",
-               "free.extend(frames)  # never handed out: reusable at once", "pass")
-    arena = PageArena(4, ahead=False)
-    frames = arena.alloc_many(3)
-    assert len({addr(f) for f in frames}) == 3 and arena.frames == 3
-    arena.free_many(frames)
-    arena.quiesce()
-    assert arena.free_frames == 3
-    monkeypatch.setattr(arena_mod, "_map_chunk", _no_memory)
-    with pytest.raises(OSError):
-        arena.alloc_many(6)  # 3 free + the chunk's last 1, then a chunk it cannot map
-    assert (arena.free_frames == 4) == (variant == "kernel")
-
-
-def _no_memory(nbytes: int) -> mmap.mmap:
-    raise OSError(12, "Cannot allocate memory")
+    def alloc_block(self, *, force: bool = False) -> tuple[int, memoryview] | None:
+        if self.exhausted:
+            raise MemoryError("mmap: cannot allocate memory")
+        return super().alloc_block(force=force)
 
 
 @pytest.mark.parametrize(("host_cached", "variant"), [

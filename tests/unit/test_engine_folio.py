@@ -11,7 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from asyncfs.engine.cache import FOLIO_PAGES, PageCache
+from asyncfs.engine.arena import FOLIO_PAGES
+from asyncfs.engine.cache import PageCache
 from asyncfs.errors import DeviceIOError
 from asyncfs.pagecache import PAGE_SIZE
 from tests.unit.fakes import MemoryDevice, breaks, contiguous_file, pattern
@@ -30,7 +31,7 @@ async def _stream(c: PageCache, size: int, req: int = 2 * FOLIO) -> bytes:
     return b"".join(out)
 
 
-@pytest.mark.parametrize("variant", ["kernel", "no_folios", "first_frame_slice"])
+@pytest.mark.parametrize("variant", ["kernel", "no_folios", "folio_base"])
 async def test_stream_caches_folios_and_every_read_is_exact(
     variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -39,15 +40,14 @@ async def test_stream_caches_folios_and_every_read_is_exact(
     starting and ending anywhere inside folios, return exactly the device's bytes.
 
     Broken variants: ``no_folios`` (the window never makes a folio: the stream costs one Page
-    per 4 KiB); ``first_frame_slice`` (a read that starts inside a folio's frame takes that
-    frame's bytes from the wrong place)."""
+    per 4 KiB); ``folio_base`` (a read that starts inside a folio slices its frame from the
+    page it starts in, not from the folio's first page)."""
     if variant == "no_folios":
         breaks(variant, monkeypatch, PageCache, "_submit_window",
-               "nr = FOLIO_PAGES", "nr = 1")
-    elif variant == "first_frame_slice":
-        breaks(variant, monkeypatch, PageCache, "_copy_folio",
-               "parts.append(frames[k][within : pend - off + within])",
-               "parts.append(frames[k][within : pend - off])")
+               "if (fnr > 1 and", "if (fnr < 1 and")
+    elif variant == "folio_base":
+        breaks(variant, monkeypatch, PageCache, "_copy_prefix",
+               "base = p.index << PAGE_SHIFT", "base = idx << PAGE_SHIFT")
     c = PageCache(MemoryDevice(DATA), cache_bytes=len(DATA), readahead_max=8 * FOLIO)
     streamed = await _stream(c, len(DATA))
     npages = len(DATA) // PAGE_SIZE
@@ -66,7 +66,7 @@ async def test_stream_caches_folios_and_every_read_is_exact(
     mostly_folios = folios * FOLIO_PAGES >= npages // 2 and objects < npages // 2
     assert (mostly_folios, exact) == {
         "kernel": (True, True), "no_folios": (False, True),
-        "first_frame_slice": (True, False),
+        "folio_base": (True, False),
     }[variant], (folios, objects)
 
 

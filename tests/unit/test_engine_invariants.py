@@ -593,11 +593,12 @@ async def test_inv14_parked_reader_pins_nothing(
         # that include page 0's old one.
         # (Each is read twice: page 0 is active, and only a busier active list ages it.)
         dev.host_cached = True
-        for i in [j for j in range(10, 20) for _ in range(2)]:
+        for i in [j for j in range(10, 30) for _ in range(2)]:
             assert await c.read_dev(i * PAGE_SIZE, PAGE_SIZE) == DATA[
                 i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         assert c.lookup(0) is None
-        assert c.arena.frames <= 6  # frames were reused, not carved anew
+        # frames were reused, not carved anew: 21 pages read into one block's frames
+        assert c.arena.frames <= c.arena.block_frames
         dev.release()
     assert (res == [DATA[100 : 100 + 2 * PAGE_SIZE]]) == (variant == "kernel")
 

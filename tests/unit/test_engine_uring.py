@@ -216,3 +216,40 @@ async def test_threads_backend_fills_the_frames(
     finally:
         await cache.aclose()
         await dev.aclose()
+
+
+@pytest.mark.parametrize("variant", ["kernel", "fresh-views"])
+async def test_ring_reads_into_frames_leak_no_views(
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """liburing's ``Iovec`` keeps an export of every buffer it is given and never releases
+    it: the frames handed to the ring must be the arena's long-lived views, or each read
+    leaks one. 2,000 cold reads through a four-page cache over the real ring (O_DIRECT, so
+    every miss goes through the ring) leave no more live memoryviews than the arena has
+    frames and blocks.
+
+    Broken variant: the arena making a fresh view each time it hands a frame out (not
+    keeping the one it made)."""
+    import gc
+
+    from asyncfs.engine.arena import PageArena
+    if variant != "kernel":
+        monkeypatch.setattr(PageArena, "_frame_view", mutant(
+            PageArena, "_frame_view", "view = self._fviews[pfn] = self._view(pfn, 1)",
+            "view = self._view(pfn, 1)"))
+    path, data = image
+    dev, started = await _open(path, direct=True, kind="into")
+    c = PageCache(dev, cache_bytes=4 * PAGE_SIZE, readahead_max=0)
+    rng = random.Random(3)
+    exact = True
+    views_before = sum(isinstance(o, memoryview) for o in gc.get_objects())
+    for _ in range(2000):
+        off = rng.randrange(SIZE // PAGE_SIZE) * PAGE_SIZE
+        exact = exact and await c.read_dev(off, PAGE_SIZE) == data[off : off + PAGE_SIZE]
+    gc.collect()
+    grown = sum(isinstance(o, memoryview) for o in gc.get_objects()) - views_before
+    arena = c.arena
+    assert exact and len(started) > 1000  # the misses went through the ring
+    assert (grown <= arena.frames + arena.chunks + 8) == (variant == "kernel"), grown
+    await c.aclose()
+    await dev.aclose()

@@ -34,7 +34,7 @@ Calls = list[tuple[DeviceIOError | None, bool]]
 
 def frames(arena: PageArena, n: int) -> list[memoryview]:
     """``n`` arena frames holding junk (a read that does not fill them shows)."""
-    views = [arena.alloc() for _ in range(n)]
+    views = [arena.alloc()[1] for _ in range(n)]
     for v in views:
         v[:] = bytes([JUNK]) * PAGE
     return views
@@ -120,7 +120,7 @@ async def test_into_read_past_the_end_or_closed_raises(image: tuple[Path, bytes]
     ``DeviceIOError``; an empty read starts nothing."""
     path, _ = image
     dev = await open_uring(path, False)
-    arena = PageArena(4, ahead=False)
+    arena = PageArena(16, ahead=False)
     views = frames(arena, 2)
     calls: Calls = []
     with pytest.raises(DeviceIOError, match="past the end"):
@@ -172,7 +172,7 @@ async def test_fail_all_reports_into_reads_unreleased_once(
            "_call(into, DeviceIOError(why), True)")
     path, data = image
     dev = await open_uring(path, True)
-    arena = PageArena(4, ahead=False)
+    arena = PageArena(16, ahead=False)
     views = frames(arena, 2)
     calls: Calls = []
     try:
@@ -260,7 +260,7 @@ async def test_faulty_into_read_waits_out_the_latency(
            "callback, delay + self._delay())", "callback, delay)")
     path, data = image
     dev = FaultyDevice(await open_uring(path, False), latency_ms=200)
-    arena = PageArena(4, ahead=False)
+    arena = PageArena(16, ahead=False)
     views = frames(arena, 3)
     calls: Calls = []
     at: list[float] = []
