@@ -159,13 +159,13 @@ class PageArena:
             view = self._bviews[b] = self._view(pfn, self.block_frames)
         return pfn, view
 
-    def free(self, pfn: int) -> None:
-        """Give a page frame back. It is reused only after the next ``quiesce``."""
-        self._pending.append(pfn)
-
-    def free_block(self, pfn: int) -> None:
-        """Give back the block ``alloc_block`` gave as ``pfn``, after the next ``quiesce``."""
-        self._pending_blocks.append(pfn >> self._bshift)
+    def free(self, pfn: int, nr: int = 1) -> None:
+        """Give back what ``alloc`` (``nr`` 1) or ``alloc_block`` (``nr`` > 1) gave as
+        ``pfn``. It is reused only after the next ``quiesce``."""
+        if nr == 1:
+            self._pending.append(pfn)
+        else:
+            self._pending_blocks.append(pfn >> self._bshift)
 
     def quiesce(self) -> None:
         """The caller holds no frame views: memory freed since the last call may be reused."""

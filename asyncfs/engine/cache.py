@@ -23,7 +23,7 @@ from typing import Literal
 
 import trio
 
-from asyncfs.engine.arena import FOLIO_PAGES, PageArena
+from asyncfs.engine.arena import PageArena
 from asyncfs.engine.interfaces import FileMap
 from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import AsyncfsError, DeviceIOError, WouldBlockError
@@ -48,11 +48,10 @@ log = logging.getLogger(__name__)
 
 # Largest single backend read the cache submits (1 MiB, in pages); longer runs are split.
 MAX_IO_PAGES = (1 << 20) >> PAGE_SHIFT
-# A folio is one block of the arena (``FOLIO_PAGES``, 64 KiB): a file readahead window covers
-# each aligned group of that many pages that it reads whole with one folio, so a stream costs
-# one Page, one lock, one wake, one iovec and one reclaim per 64 KiB instead of per 4 KiB.
-# Random reads and metadata keep 4 KiB pages.
-assert FOLIO_PAGES <= 1 << SHADOW_SHIFT  # a folio's shadow entries lie in one group
+# A folio is one block of the arena (``arena.FOLIO_PAGES``, 64 KiB): a file readahead window
+# covers each aligned group of that many pages that it reads whole with one folio, so a stream
+# costs one Page, one lock, one wake, one iovec and one reclaim per 64 KiB instead of per
+# 4 KiB. Random reads and metadata keep 4 KiB pages.
 _ZEROS = bytes(1 << 20)
 _SPECIAL = PG_READAHEAD | PG_RA_UNUSED
 
@@ -107,7 +106,7 @@ class PageCache:
         self._dev = device
         self._arena = arena if arena is not None else PageArena()
         self._folio_pages = self._arena.block_frames  # pages of a folio
-        if self._folio_pages > 1 << SHADOW_SHIFT:
+        if self._folio_pages > 1 << SHADOW_SHIFT:  # (its shadow entries: one run of bits)
             raise ValueError("a folio's pages must lie in one shadow group")
         self._dev_size = device.size
         # ``cache_bytes`` is where the cache starts; it grows towards ``cache_max_bytes`` only
@@ -831,10 +830,7 @@ class PageCache:
                 return
         lru = self._lru
         lru.remove(folio)
-        if folio.pfn >= 0:  # (none if the kernel may still write it)
-            self._arena.free_block(folio.pfn)
-            folio.pfn = -1
-            folio.data = b""
+        self._free_frame(folio)  # (it has none if the kernel may still write it)
         keep = folio.flags & PG_RA_UNUSED
         small = [Page(i, PG_LOCKED | keep) for i in range(folio.index, folio.index + folio.nr)]
         for p in small:
@@ -918,15 +914,15 @@ class PageCache:
     def _shrink(self) -> None:
         lru = self._lru
         if len(lru.pages) > lru.limit:
-            arena = self._arena
             for p in lru.shrink():
-                if p.pfn >= 0:
-                    if p.nr == 1:
-                        arena.free(p.pfn)
-                    else:
-                        arena.free_block(p.pfn)
-                    p.pfn = -1
-                    p.data = b""
+                self._free_frame(p)
+
+    def _free_frame(self, p: Page) -> None:
+        """Give the frame of a page or folio that left the cache back to the arena."""
+        if p.pfn >= 0:
+            self._arena.free(p.pfn, p.nr)
+            p.pfn = -1
+            p.data = b""
 
     def _check_open(self) -> None:
         if self._closed:

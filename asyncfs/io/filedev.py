@@ -143,13 +143,11 @@ class FileDeviceBase:
         buffers: the page cache's frames), or None when O_DIRECT cannot take them: an
         unaligned file position (a partition's start) or length (the device's short last
         page)."""
-        lens = list(map(len, views))
-        length = sum(lens)
+        length = sum(map(len, views))
         self._check(offset, length)
         fd, direct = self._route(length)
         pos = self._base + offset
-        # (``ALIGN.__rmod__(n)`` is ``n % ALIGN``: the check runs in C over a folio's frames)
-        if direct and (pos % ALIGN or any(map(ALIGN.__rmod__, lens))):
+        if direct and (pos % ALIGN or any(len(v) % ALIGN for v in views)):
             return None
         return fd, pos, length
 

@@ -363,7 +363,7 @@ class UringDevice(FileDeviceBase):
             op.views = None
             if into is not None:
                 _call(into, None if error is None else
-                           self._io_error(op.offset, op.length, error), True)
+                      self._io_error(op.offset, op.length, error), True)
             return
         if op.callback is not None:
             callback, op.callback = op.callback, None

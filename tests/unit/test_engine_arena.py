@@ -132,7 +132,7 @@ def test_blocks_split_for_pages_and_merge_back_whole(
         mine = [pfn for pfn, (k, _) in live.items() if k == n]
         for pfn in rng.sample(mine, int(len(mine) * share)):
             live.pop(pfn)
-            (arena.free if n == 1 else arena.free_block)(pfn)
+            arena.free(pfn, n)
             pending += n
 
     for _ in range(60):  # a burst of pages, some freed (fragmenting blocks), then folios
