@@ -8,10 +8,13 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 HERE=$PWD
 
-# Debian packages: FUSE (runtime, headers for pyfuse3's build), the image tools the tests and the
-# demo use, fio for workloads, fuse2fs as the benchmark peer, attr/acl for xattr checks.
-PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio fuse2fs attr acl
-      fdisk util-linux psmisc kmod procps)
+# Debian packages: FUSE (runtime, headers for pyfuse3's build), liburing-dev for the io_uring
+# extension asyncfs builds at install time, the image tools the tests and the demo use, fio for
+# workloads, fuse2fs as the benchmark peer, attr/acl for xattr checks, qemu-user and binutils
+# for the portability guards (a CPU without AVX-512; no instruction beyond the baseline).
+PKGS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv liburing-dev e2fsprogs fio
+      fuse2fs attr acl fdisk util-linux psmisc kmod procps qemu-user binutils qemu-utils nbdkit
+      nginx openssl curl httpfs2)
 
 say() { printf '%s\n' "$*" >&2; }
 
@@ -46,7 +49,8 @@ pick_python() {
 
 setup_venv() {
   local stamp=.venv/.asyncfs-stamp want
-  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  # The io_uring binding is compiled at install: its source and build script are in the stamp.
+  want=$(cat pyproject.toml setup.py asyncfs/io/_uring.c | sha256sum | cut -d' ' -f1)
   if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
@@ -60,6 +64,10 @@ setup_venv() {
     say "asyncfs: installing the Python dependencies failed (full log: .venv/setup.log)"
     exit 1
   fi
+  if ! .venv/bin/python -c 'import asyncfs.io._uring' 2>/dev/null; then
+    say "asyncfs: the io_uring binding was not built (see .venv/setup.log); mounts will be served"
+    say "  by the threads backend. It needs gcc, python3-dev and liburing-dev."
+  fi
   echo "$want" > "$stamp"
 }
 
@@ -69,8 +77,22 @@ ensure_fuse() {
   fi
 }
 
+# mount(8) runs /sbin/mount.fuse.asyncfs for `mount -t fuse.asyncfs` and fstab lines of that
+# type. A link already there is replaced only if it points into an asyncfs .venv.
+install_mount_helper() {
+  local link=/sbin/mount.fuse.asyncfs
+  [ "$(id -u)" -eq 0 ] || return 0
+  if [ -L "$link" ]; then
+    case "$(readlink "$link")" in */.venv/bin/mount.fuse.asyncfs) ;; *) return 0 ;; esac
+  elif [ -e "$link" ]; then
+    return 0
+  fi
+  ln -sfn "$HERE/.venv/bin/mount.fuse.asyncfs" "$link"
+}
+
 install_packages
 setup_venv
+install_mount_helper
 ensure_fuse
 
 case "${1:-}" in

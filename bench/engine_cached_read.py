@@ -17,7 +17,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asyncfs.engine.cache import PageCache
-from tests.unit.fakes import MemoryDevice, contiguous_file
+from asyncfs.testing import MemoryDevice, contiguous_file
 
 Reader = Callable[[int], Awaitable[object]]
 

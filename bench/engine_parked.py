@@ -27,7 +27,7 @@ import trio.testing
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asyncfs.engine.cache import PageCache
-from tests.unit.fakes import GatedDevice
+from asyncfs.testing import GatedDevice
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asyncfs.engine.cache import PageCache
 from asyncfs.pagecache import Page, PageLRU
 from asyncfs.pagecache.page import LRU_INACTIVE
-from tests.unit.fakes import MemoryDevice, contiguous_file
+from asyncfs.testing import MemoryDevice, contiguous_file
 
 MiB = 1 << 20
 HOT = 4 * MiB

@@ -1,6 +1,6 @@
 """The long image-fuzzing campaign: forged fields, random bytes, semantic forgeries (loops,
 overlaps, out-of-range pointers) and truncations over every fuzz preset, each damaged image
-mounted in-process and walked with every oracle of tests/robust/fuzzlib.py.
+mounted in-process and walked with every oracle of bench/fuzzing/.
 
     .venv/bin/python -m bench.fuzz --minutes 30                 # rounds until time is up
     .venv/bin/python -m bench.fuzz --minutes 5 --presets ext4,ext2-1k --all-fields
@@ -22,7 +22,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.robust.fuzzlib import FUZZ_PRESETS, ImageStore, generate_cases, run_case, save_case
+from bench.fuzzing.cases import generate_cases
+from bench.fuzzing.corpus import save_case
+from bench.fuzzing.images import FUZZ_PRESETS, ImageStore
+from bench.fuzzing.oracle import run_case
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,9 @@ from matplotlib.ticker import NullLocator
 
 from bench.report import SCALING_LABELS, TARGET_LABELS, Results
 
-COLORS = {"asyncfs-async": "tab:blue", "asyncfs-threads": "tab:cyan", "fuse2fs": "tab:green",
-          "kernel": "tab:red", "raw": "tab:gray"}
+COLORS = {"asyncfs-async": "tab:blue", "asyncfs-threads": "tab:cyan",
+          "asyncfs-async+threads": "tab:purple", "asyncfs-threads+threads": "tab:pink",
+          "fuse2fs": "tab:green", "kernel": "tab:red", "raw": "tab:gray"}
 
 
 def _subtitle(results: Results) -> str:

@@ -13,16 +13,30 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+# Image backends every asyncfs target runs with (``run.py --backends``): a key without a
+# suffix is asyncfs over io_uring (``-o backend=uring``), ``KEY+threads`` the same
+# configuration over the thread pool (``-o backend=threads``).
+BACKENDS = ("uring", "threads")
+
+
+def backend_key(key: str, backend: str) -> str:
+    """The target key of asyncfs configuration ``key`` over image backend ``backend``."""
+    return key if backend == "uring" else f"{key}+{backend}"
+
+
 # Targets of the main matrix, in table order. Keys are stable (they name JSON records and
 # plot series); labels are what a reader sees.
 TARGET_LABELS: dict[str, str] = {
     "asyncfs-async": "asyncfs wait=async",
     "asyncfs-threads": "asyncfs wait=threads",
+    "asyncfs-async+threads": "asyncfs wait=async, threads backend",
+    "asyncfs-threads+threads": "asyncfs wait=threads, threads backend",
     "fuse2fs": "fuse2fs -o ro",
     "kernel": "kernel ext4 (loop, ro)",
     "raw": "fio on image file",
 }
-ASYNCFS_TARGETS = ("asyncfs-async", "asyncfs-threads")
+ASYNCFS_TARGETS = ("asyncfs-async", "asyncfs-threads", "asyncfs-async+threads",
+                   "asyncfs-threads+threads")
 REFERENCE_TARGETS = ("kernel", "fuse2fs")
 
 # Slow-device (latency=1) configurations; asyncfs only.
@@ -30,6 +44,9 @@ SCALING_LABELS: dict[str, str] = {
     "asyncfs-async": "wait=async",
     "asyncfs-threads4": "wait=threads,threads=4",
     "asyncfs-threads32": "wait=threads,threads=32",
+    "asyncfs-async+threads": "wait=async, threads backend",
+    "asyncfs-threads4+threads": "wait=threads,threads=4, threads backend",
+    "asyncfs-threads32+threads": "wait=threads,threads=32, threads backend",
 }
 
 Metric = Literal["iops", "mib_s", "seconds", "rss_peak_mib", "cpu_s"]
@@ -329,6 +346,29 @@ def issue_checks(scaling_readers: int = 32) -> list[Check]:
     ]
 
 
+def threads_backend_checks(results: Results | None = None) -> list[Check]:
+    """asyncfs (wait=async) over the threads backend against fuse2fs: at least as fast in
+    every cell the two share, reported in a table of their own. With ``results``, only the
+    checks whose cells that run measured (or tried to)."""
+    t = backend_key("asyncfs-async", "threads")
+    rows: list[Check] = []
+    for phase, jobs in (("cold", 1), ("cold", 8), ("cold", 32), ("warm", 1), ("warm", 8),
+                        ("warm", 32)):
+        rows.append(Check(f"threads backend, {phase} random 4 KiB, {jobs} jobs: / fuse2fs",
+                          Cell("rand4k", t, phase, jobs, "iops"),
+                          Cell("rand4k", "fuse2fs", phase, jobs, "iops"), 1.0))
+    for phase in ("cold", "warm"):
+        rows.append(Check(f"threads backend, {phase} sequential 1 MiB: / fuse2fs",
+                          Cell("seq1m", t, phase, 1, "mib_s"),
+                          Cell("seq1m", "fuse2fs", phase, 1, "mib_s"), 1.0))
+    rows.append(Check("threads backend, many small files, cold: / fuse2fs (time ratio)",
+                      Cell("smallfiles", t, "cold", 1, "seconds"),
+                      Cell("smallfiles", "fuse2fs", "cold", 1, "seconds"), 1.0))
+    if results is None:
+        return rows
+    return [c for c in rows if results.get(*_cell_args(c.num)[:4]) is not None]
+
+
 @dataclass(frozen=True, slots=True)
 class RatioRow:
     """One row of a side-by-side table: a value per target and asyncfs-vs-reference ratios."""
@@ -381,7 +421,9 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 
 def _short(t: str) -> str:
-    return {"asyncfs-async": "async", "asyncfs-threads": "threads"}.get(t, t)
+    key, _, backend = t.partition("+")
+    short = {"asyncfs-async": "async", "asyncfs-threads": "threads"}.get(key, key)
+    return f"{short} ({backend} backend)" if backend else short
 
 
 def side_by_side(
@@ -456,6 +498,14 @@ def render_markdown(results: Results, plots: Sequence[str] = ()) -> str:
             for c in (chk.evaluate(results) for chk in issue_checks())
         ],
     )
+    tb = [chk.evaluate(results) for chk in threads_backend_checks(results)]
+    if tb:
+        out += ["", "## The threads backend against fuse2fs (asyncfs wait=async)", ""]
+        out += md_table(
+            ["check", "measured", "target", "result"],
+            [[c.label, fmt_ratio(c.measured), c.target,
+              c.status + (f" (missing: {c.missing})" if c.missing else "")] for c in tb],
+        )
 
     main = [t for t in TARGET_LABELS if t in info.availability]
     fuse_like = [t for t in main if t != "raw"]

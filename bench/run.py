@@ -1,8 +1,13 @@
 """The one benchmark command (issue 6): build the image, run every target side by side, report.
 
-    sudo .venv/bin/python bench/run.py            # full matrix, ~8-12 min, writes docs/
-    sudo .venv/bin/python bench/run.py --quick    # reduced matrix, ~2-3 min, for development
+    sudo .venv/bin/python bench/run.py            # full matrix, ~15-20 min, writes docs/
+    sudo .venv/bin/python bench/run.py --quick    # reduced matrix, ~6-7 min, for development
     sudo .venv/bin/python bench/run.py --only seq1m --targets asyncfs-async,kernel --out /tmp/b
+    sudo .venv/bin/python bench/run.py --quick --backends threads   # asyncfs over threads only
+
+Every asyncfs configuration runs once per image backend of ``--backends`` (default: io_uring
+and the threads backend, side by side): over io_uring under its own key, over the threads
+backend under ``KEY+threads``, the backend always named in its mount options.
 
 Order: workload outer, target inner, so all targets of one cell run minutes apart under the same
 machine load. "cold" = the storage under the image primed for the bytes the cells read (O_DIRECT,
@@ -40,14 +45,17 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repo
 from bench import image as img  # noqa: E402
 from bench.plots import write_plots  # noqa: E402
 from bench.report import (  # noqa: E402
+    BACKENDS,
     MIB,
     TARGET_LABELS,
     FioError,
     Measurement,
     Results,
     RunInfo,
+    backend_key,
     issue_checks,
     render_markdown,
+    threads_backend_checks,
 )
 from bench.targets import (  # noqa: E402
     AsyncfsTarget,
@@ -312,14 +320,19 @@ def _loadavg() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="reduced matrix (~2-3 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="reduced matrix (~6-7 min with both backends)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs",
                     help="where benchmarks-results.md and bench-*.png go (default docs/)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out",
                     help="image, mount points and raw fio output (default bench/out/)")
     ap.add_argument("--asyncfs", type=Path, default=ROOT / ".venv" / "bin" / "asyncfs")
     ap.add_argument("--targets", default="asyncfs-async,asyncfs-threads,fuse2fs,kernel,raw",
-                    help="comma list of main-matrix targets")
+                    help="comma list of main-matrix targets (each asyncfs one runs once per "
+                    "--backends entry)")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help="comma list of the image backends every asyncfs target runs with, "
+                    "side by side (default: uring,threads; a threads run is keyed KEY+threads)")
     ap.add_argument("--skip", default="", help="comma list of workloads to skip: "
                     + ",".join(WORKLOADS))
     ap.add_argument("--only", default="", help="comma list of the only workloads to run "
@@ -335,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [t for t in args.targets.split(",") if t and t not in TARGET_LABELS]
     if unknown:
         ap.error(f"unknown targets: {', '.join(unknown)} (known: {','.join(TARGET_LABELS)})")
+    bad = [b for b in args.backends.split(",") if b not in BACKENDS]
+    if bad or not args.backends:
+        ap.error(f"unknown backends: {', '.join(bad)} (known: {','.join(BACKENDS)})")
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.report_only:
@@ -386,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{run_dir / 'results.json'}")
         status = status or 1
     log(f"results: {args.out / 'benchmarks-results.md'} (raw: {run_dir})")
-    for c in issue_checks():
+    for c in [*issue_checks(), *threads_backend_checks(results)]:
         row = c.evaluate(results)
         v = "—" if row.measured is None else f"{row.measured:.2f}"
         log(f"  {row.status:5} {row.label}: {v} (target {row.target})")
@@ -431,17 +447,33 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
     for msg in cleanup_stale(mnt_base, image):
         log(msg)
 
-    def asyncfs(key: str, *opts: str) -> AsyncfsTarget:
-        return AsyncfsTarget(key, image, mnt_base, args.asyncfs, opts)
+    backends = [b for b in args.backends.split(",") if b]
+
+    def asyncfs_on(backend: str, key: str, *opts: str) -> AsyncfsTarget:
+        # The backend is always named: with ``auto`` a host without io_uring would measure
+        # the threads backend under the io_uring column.
+        return AsyncfsTarget(backend_key(key, backend), image, mnt_base, args.asyncfs,
+                             (*opts, f"backend={backend}"))
+
+    def asyncfs(key: str, *opts: str) -> list[Target]:
+        """Configuration ``key`` once per chosen backend, side by side."""
+        return [asyncfs_on(b, key, *opts) for b in backends]
 
     main_targets: dict[str, Target] = {
-        "asyncfs-async": asyncfs("asyncfs-async", "wait=async"),
-        "asyncfs-threads": asyncfs("asyncfs-threads", "wait=threads"),
+        t.key: t for b in BACKENDS for t in (asyncfs_on(b, "asyncfs-async", "wait=async"),
+                                             asyncfs_on(b, "asyncfs-threads", "wait=threads"))
+    }
+    main_targets.update({
         "fuse2fs": Fuse2fsTarget("fuse2fs", image, mnt_base, ["ro"]),
         "kernel": KernelLoopTarget("kernel", image, mnt_base, ["ro"]),
         "raw": RawTarget("raw", image, mnt_base),
-    }
-    chosen = [t for t in args.targets.split(",") if t]
+    })
+    chosen: list[str] = []
+    for k in (t for t in args.targets.split(",") if t):
+        # A bare asyncfs key means that configuration over every chosen backend.
+        keys = [backend_key(k, b) for b in backends] if k in ("asyncfs-async",
+                                                                "asyncfs-threads") else [k]
+        chosen += [key for key in keys if key not in chosen]
     unknown = [t for t in chosen if t not in main_targets]
     if unknown:
         raise SystemExit(f"unknown targets: {', '.join(unknown)}")
@@ -478,7 +510,11 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
         if reason:
             r.unavailable[t.key] = reason
         log(f"target {t.key}: {reason or 'ok'}")
-    async_reason = r.unavailable.get("asyncfs-async") or main_targets["asyncfs-async"].unavailable()
+
+    def async_reason(backend: str) -> str | None:
+        """Why wait=async over ``backend`` cannot run (its probe failed), if it cannot."""
+        key = backend_key("asyncfs-async", backend)
+        return r.unavailable.get(key) or main_targets[key].unavailable()
 
     def rand_cell(phase: str, jobs: int, span: int | None = None, warm_first: bool = False
                   ) -> Cell:
@@ -597,13 +633,14 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
             f"readers {plan.scaling_readers}")
         common = ("latency=1", f"cache_size={plan.scaling_cache}")
         configs = [
-            asyncfs("asyncfs-async", "wait=async", *common),
-            asyncfs("asyncfs-threads4", "wait=threads", "threads=4", *common),
-            asyncfs("asyncfs-threads32", "wait=threads", "threads=32", *common),
+            *asyncfs("asyncfs-async", "wait=async", *common),
+            *asyncfs("asyncfs-threads4", "wait=threads", "threads=4", *common),
+            *asyncfs("asyncfs-threads32", "wait=threads", "threads=32", *common),
         ]
         for t in configs:
-            if async_reason:
-                r.unavailable[t.key] = async_reason
+            why = async_reason("threads" if t.key.endswith("+threads") else "uring")
+            if why:
+                r.unavailable[t.key] = why
             r.session(t, [scaling_cell(n) for n in plan.scaling_readers], prime="rand")
 
     if "memory" in run:
@@ -611,8 +648,8 @@ def run_matrix(args: argparse.Namespace, results: Results, run_dir: Path, log: L
         log(f"== memory: stream {span // MIB} MiB of big.bin, cache_size=64M, daemon peak RSS, "
             "two rounds")
         mem_targets: list[Target] = [
-            asyncfs("asyncfs-async", "wait=async", "cache_size=64M"),
-            asyncfs("asyncfs-threads", "wait=threads", "cache_size=64M"),
+            *asyncfs("asyncfs-async", "wait=async", "cache_size=64M"),
+            *asyncfs("asyncfs-threads", "wait=threads", "cache_size=64M"),
         ]
         if "fuse2fs" in chosen:
             mem_targets.append(main_targets["fuse2fs"])

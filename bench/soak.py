@@ -44,7 +44,7 @@ from asyncfs.cli.options import MountOptions
 from asyncfs.cli.wiring import open_stack
 from asyncfs.engine.cache import MAX_IO_PAGES
 from asyncfs.pagecache import PAGE_SIZE
-from tests.imagegen import SOURCE_FIELDS, compare_trees, make_image, make_tree
+from asyncfs.testing.imagegen import SOURCE_FIELDS, compare_trees, make_image, make_tree
 
 MOUNT_OPTS = ("faults", "cache_size=4M", "latency=1")
 EIO_EVERY_S = 6.0

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +27,40 @@ from asyncfs.errors import AsyncfsError, MountPointError, UsageError
 
 
 def runtime_dir() -> Path:
+    """Where the sockets and logs of this user's mounts live. An ordinary user's go under
+    ``$XDG_RUNTIME_DIR`` (per user, mode 0700, emptied at logout) when it is set to an
+    absolute path, as the XDG base directory rules ask; without one, under /tmp, where
+    ``ensure_runtime_dir`` guards against a directory planted by someone else."""
     if os.geteuid() == 0:
         return Path("/run/asyncfs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "asyncfs" if xdg else Path(f"/tmp/asyncfs-{os.geteuid()}")
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    return Path(xdg) / "asyncfs" if os.path.isabs(xdg) else Path(f"/tmp/asyncfs-{os.geteuid()}")
+
+
+def ensure_runtime_dir() -> Path:
+    """Create the runtime directory (mode 0700) or check the one that is there: it must be a
+    real directory of this user, since the control socket in it accepts fault injection and
+    the log in it names the images mounted. A group- or world-accessible one of ours is
+    tightened (an older asyncfs, or a umask, may have made it so)."""
+    d = runtime_dir()
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = d.lstat()
+    except OSError as e:
+        raise MountPointError(f"cannot create the runtime directory {d}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountPointError(f"the runtime directory {d} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise MountPointError(
+            f"the runtime directory {d} belongs to uid {st.st_uid}, not to you "
+            f"(uid {os.geteuid()}); remove it or set XDG_RUNTIME_DIR"
+        )
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(d, 0o700)
+        except OSError as e:
+            raise MountPointError(f"cannot make {d} private (mode 0700): {e.strerror}") from None
+    return d
 
 
 def mount_key(mountpoint: str) -> str:
@@ -71,7 +102,7 @@ async def serve_control(path: Path, handle: Handler,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer each connection on ``path``: one JSON request line in, one JSON line out.
     Connections are served one at a time; each is bounded by a short timeout."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_runtime_dir()
     if path.exists() or path.is_symlink():
         path.unlink()
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)

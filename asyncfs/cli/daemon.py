@@ -2,20 +2,26 @@
 
 Without ``-f`` the command forks before any event loop or thread exists; the child mounts and
 writes one status line into a pipe ("OK" or the error), so the parent exits 0 only once the
-mount answers, or non-zero with the child's one-line reason.
+mount answers, or non-zero with the child's one-line reason. A child that dies without a word
+(a fatal signal in native code) is reported by how it died, with the end of its log, where
+faulthandler has left the Python stack.
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import pyfuse3
 import trio
@@ -29,7 +35,8 @@ from asyncfs.cli.wiring import Stack, open_stack
 from asyncfs.errors import AsyncfsError, UsageError
 from asyncfs.fuse import request_wait
 from asyncfs.fuse.ops import AsyncfsOperations
-from asyncfs.io import FaultyDevice
+from asyncfs.io.remote import redact, remote_stats
+from asyncfs.testing import FaultyDevice
 
 log = logging.getLogger("asyncfs")
 INIT_WAIT_S = 5.0  # longest wait for FUSE_INIT before start-up is reported anyway
@@ -94,10 +101,13 @@ async def _serve_mounted(stack: Stack, image: str, mountpoint: str, opts: MountO
                          reporter: StartupReporter, started: float,
                          signals: AsyncIterator[int]) -> None:
     ops = AsyncfsOperations(stack.volume, direct_io=opts.direct_io)
+    said_before = _log_size()
     try:
         pyfuse3.init(ops, mountpoint, opts.fuse_options(os.path.basename(image)))
     except RuntimeError as e:
-        raise AsyncfsError(f"cannot mount on {mountpoint}: {e}") from None
+        why = _fuse_complaint(said_before)
+        raise AsyncfsError(f"cannot mount on {mountpoint}: {e}"
+                           + (f" ({why})" if why else "")) from None
     unmount_needed = True
     cache = stack.cache
     waits = request_wait.install(pyfuse3, may_spin=lambda: not cache.inflight_io,
@@ -107,14 +117,16 @@ async def _serve_mounted(stack: Stack, image: str, mountpoint: str, opts: MountO
 
         def snapshot() -> dict[str, Any]:
             s: dict[str, Any] = dict(stack.cache.stats())
-            s.update(image=os.path.abspath(image), mountpoint=mountpoint,
+            s.update(image=redact(image) if "://" in image else image, mountpoint=mountpoint,
                      pid=os.getpid(), version=__version__,
                      uptime_s=round(time.time() - started, 3),
+                     backend=stack.backend, backend_note=stack.backend_note,
                      requests_failed=ops.requests_failed,
                      pushed_files=ops.pushed_files,
                      requests_taken_at_once=waits.taken_at_once if waits else None,
                      requests_waited_for=waits.waited_for if waits else None,
                      device_readahead_windows=stack.volume.device_readahead.windows,
+                     remote=remote_stats(stack.device),
                      log=str(control.log_path(mountpoint)))
             return s
 
@@ -237,25 +249,131 @@ async def _cancel_after_signal(signalled: trio.Event, detached: trio.Event,
     scope.cancel()
 
 
-def setup_logging(opts: MountOptions, mountpoint: str, foreground: bool) -> None:
+def setup_logging(opts: MountOptions, stream: TextIO) -> None:
     level = logging.DEBUG if opts.debug else logging.INFO
-    handlers: list[logging.Handler] = []
-    if foreground:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    else:
-        path = control.log_path(mountpoint)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path))
-    logging.basicConfig(level=level, handlers=handlers,
+    logging.basicConfig(level=level, handlers=[logging.StreamHandler(stream)],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+
+
+# The daemon's log, kept open for the process's lifetime: faulthandler writes into its file
+# descriptor from a signal handler, long after setup, and must never find it closed.
+_daemon_log: TextIO | None = None
+
+
+def _daemon_stdio(log_file: Path) -> TextIO:
+    """stdin and stdout to /dev/null, stderr into the log, and faulthandler on the log. So what
+    would otherwise be lost is where `asyncfs mount` looks after a failed start: the Python
+    stack of a fatal signal (SIGSEGV, SIGILL, SIGBUS, SIGFPE, SIGABRT) in any thread, and what
+    libfuse and fusermount3 print when they refuse a mount."""
+    global _daemon_log
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):  # 2 too: if the log cannot be opened, nothing reaches the terminal
+        os.dup2(devnull, std)
+    os.close(devnull)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o600)  # a log left by an older asyncfs may be 0644
+    os.dup2(fd, 2)  # not close-on-exec: fusermount3, which libfuse runs, writes here too
+    _daemon_log = open(fd, "a", buffering=1, encoding="utf-8",  # noqa: SIM115 (see above)
+                       errors="backslashreplace")
+    faulthandler.enable(file=_daemon_log, all_threads=True)
+    return _daemon_log
+
+
+def _log_size() -> int | None:
+    if _daemon_log is None:
+        return None  # in the foreground libfuse's complaints reach the terminal themselves
+    return os.fstat(_daemon_log.fileno()).st_size
+
+
+# How libfuse and fusermount3 start the lines they print when they refuse a mount.
+_FUSE_COMPLAINT = re.compile(r"^(fusermount3?|fuse|mount\.fuse3?): \S")
+
+
+def _fuse_complaint(since: int | None) -> str | None:
+    """The last line libfuse or fusermount3 wrote to stderr (the log) after offset ``since``:
+    pyfuse3 reports any refused mount as "fuse_session_mount failed", and the reason is in
+    that line ("option allow_other only allowed if ...", "mountpoint ... not owned by user")."""
+    if since is None or _daemon_log is None:
+        return None
+    try:
+        with open(f"/proc/self/fd/{_daemon_log.fileno()}", "rb") as f:
+            f.seek(since)
+            text = f.read(LOG_TAIL_BYTES).decode(errors="replace")
+    except OSError:
+        return None
+    found = [line.strip() for line in text.splitlines() if _FUSE_COMPLAINT.match(line)]
+    return found[-1] if found else None
+
+
+def describe_wait_status(status: int) -> str:
+    """A wait status as words: "killed by SIGILL (illegal instruction)", "exited with
+    status 3"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        what = signal.strsignal(sig)
+        text = f"killed by {name}" + (f" ({what.lower()})" if what else "")
+        return text + (", core dumped" if os.WCOREDUMP(status) else "")
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"stopped with wait status {status:#x}"
+
+
+LOG_TAIL_LINES = 5
+LOG_TAIL_BYTES = 64 * 1024
+MAX_SHOWN_LINE = 300
+# faulthandler's report starts with this line, then the crashing thread's frames, innermost
+# first: what the user needs is the top of the report, not the end of the log.
+_FATAL = "Fatal Python error: "
+
+
+def log_tail(log_file: Path, start: int) -> list[str]:
+    """What the daemon wrote to its log after offset ``start`` (its size before the fork), as
+    at most a handful of non-empty lines: from faulthandler's report its first line and the
+    innermost frames, otherwise the last lines."""
+    try:
+        with open(log_file, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(start, size - LOG_TAIL_BYTES))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    fatal = [i for i, line in enumerate(lines) if line.startswith(_FATAL)]
+    shown = (lines[fatal[-1]:fatal[-1] + LOG_TAIL_LINES + 1] if fatal
+             else lines[-LOG_TAIL_LINES:])
+    return [one_line(line if len(line) <= MAX_SHOWN_LINE else line[:MAX_SHOWN_LINE] + "...")
+            for line in shown]
+
+
+def startup_death_report(status: int, log_file: Path, start: int) -> str:
+    """What `asyncfs mount` prints when the daemon ended without a word: one line saying how
+    it ended, then the end of its log, indented."""
+    was = "was " if os.WIFSIGNALED(status) else ""
+    head = f"asyncfs: the daemon {was}{describe_wait_status(status)} during start-up"
+    tail = log_tail(log_file, start)
+    if not tail:
+        return f"{head}, before it wrote anything to its log {log_file}"
+    return "\n".join([f"{head}; the end of its log {log_file}:", *(f"    {t}" for t in tail)])
 
 
 def run_mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bool) -> int:
     """Entry for `asyncfs mount`: fork unless foreground, then serve."""
+    control.ensure_runtime_dir()
     if foreground:
-        setup_logging(opts, mountpoint, foreground=True)
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+        setup_logging(opts, sys.stderr)
         return trio.run(serve, image, mountpoint, opts, StartupReporter(None))
 
+    log_file = control.log_path(mountpoint)
+    try:
+        log_start = log_file.stat().st_size
+    except OSError:
+        log_start = 0
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid > 0:
@@ -267,26 +385,24 @@ def run_mount(image: str, mountpoint: str, opts: MountOptions, *, foreground: bo
         if status.startswith("ERR "):
             print(f"asyncfs: {one_line(status[4:])}", file=sys.stderr)
         else:
-            _, code = os.waitpid(pid, 0)
-            print(f"asyncfs: the daemon exited during start-up (status {code}); "
-                  f"see {control.log_path(mountpoint)}", file=sys.stderr)
+            _, wait_status = os.waitpid(pid, 0)
+            print(startup_death_report(wait_status, log_file, log_start), file=sys.stderr)
         return 1
 
     # Child: detach from the terminal and the caller's session so the mount outlives both.
     os.close(rfd)
     os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
     code = 1
     reporter = StartupReporter(wfd)
     try:
-        setup_logging(opts, mountpoint, foreground=False)
+        setup_logging(opts, _daemon_stdio(log_file))
+        log.info("asyncfs %s daemon, pid %d, starting: %s on %s", __version__, os.getpid(),
+                 image, mountpoint)
         code = trio.run(serve, image, mountpoint, opts, reporter)
-    except BaseException:  # the parent must hear something, whatever went wrong
+    except BaseException as e:  # the parent must hear something, whatever went wrong
         log.exception("daemon failed")
-        reporter.send("ERR the daemon failed during start-up; see its log")
+        reporter.send(f"ERR the daemon failed during start-up ({type(e).__name__}: {e}); "
+                      f"see its log {log_file}")
     finally:
         os._exit(code)
 

@@ -16,11 +16,12 @@ import trio
 from asyncfs import __version__
 from asyncfs.cli import control
 from asyncfs.cli.messages import one_line
-from asyncfs.cli.mountpoint import check_mountpoint
-from asyncfs.cli.options import MountOptions, parse_options, parse_size
+from asyncfs.cli.mountpoint import check_mountpoint, check_unprivileged_mount
+from asyncfs.cli.options import MountOptions, options_help, parse_options, parse_size
 from asyncfs.cli.wiring import open_stack
 from asyncfs.engine.volume import Volume
 from asyncfs.errors import AsyncfsError, ImageError, NoEntryError, UsageError
+from asyncfs.io.remote import is_remote_url
 from asyncfs.types import Attr
 
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"asyncfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
-    m = sub.add_parser("mount", help="mount an image read-only")
+    m = sub.add_parser("mount", help="mount an image read-only", epilog=options_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("image")
     m.add_argument("mountpoint")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_image(image: str) -> str:
+    if image.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+tcp://")):
+        return image  # an NBD URI: the connection is the check
+    if is_remote_url(image):
+        return image  # http(s):// or s3://: the first request is the check
     if not os.path.lexists(image):
         raise ImageError(f"image {image} does not exist")
     if not os.path.exists(image):
@@ -93,13 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "mount":
-        from asyncfs.cli.daemon import run_mount  # pyfuse3 only where it is needed
-
-        opts = parse_options(args.options)
-        opts.debug = opts.debug or args.debug
-        image = check_image(args.image)
-        mountpoint = check_mountpoint(args.mountpoint)
-        return run_mount(image, mountpoint, opts, foreground=args.foreground or args.debug)
+        return mount(args.image, args.mountpoint, args.options,
+                     foreground=args.foreground or args.debug, debug=args.debug)
     if args.cmd == "info":
         return _info(check_image(args.image))
     if args.cmd == "stats":
@@ -113,10 +114,26 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.cmd}")
 
 
-def _info(image: str) -> int:
-    from asyncfs.io import describe_image
+def mount(image: str, mountpoint: str, option_groups: list[str], *, foreground: bool = False,
+          debug: bool = False, dry_run: bool = False) -> int:
+    """`asyncfs mount`, also behind mount(8)'s helper: every check that needs no mount, then
+    (unless ``dry_run``) the mount. Raises AsyncfsError for what is wrong before the fork."""
+    from asyncfs.cli.daemon import run_mount  # pyfuse3 only where it is needed
 
-    print(describe_image(image).format())
+    opts = parse_options(option_groups)
+    opts.debug = opts.debug or debug
+    image = check_image(image)
+    mountpoint = check_mountpoint(mountpoint)
+    check_unprivileged_mount(opts.fuse_flags)
+    if dry_run:
+        return 0
+    return run_mount(image, mountpoint, opts, foreground=foreground)
+
+
+def _info(image: str) -> int:
+    from asyncfs.io.describe import describe_source
+
+    print(trio.run(describe_source, image).format())
     return 0
 
 
@@ -144,7 +161,9 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
         f"{data.get('pages_cached')} pages ({data.get('frames_mapped', 0)} page frames mapped), "
         f"{hits} hits / {misses} misses ({ratio:.1%}), "
         f"{data.get('evictions')} evictions",
-        f"backend   {data.get('backend_reads')} reads, "
+        f"backend   {data.get('backend', '?')}"
+        f"{' (' + str(data['backend_note']) + ')' if data.get('backend_note') else ''}: "
+        f"{data.get('backend_reads')} reads, "
         f"{int(data.get('backend_bytes', 0)) / mib:.1f} MiB, {data.get('inflight_io')} in flight",
         f"waiters   {data.get('parked_now')} parked now, {data.get('parked_total')} in total, "
         f"{data.get('wakeups', 0)} wakeups",
@@ -155,10 +174,26 @@ def _stats(mountpoint: str, *, as_json: bool) -> int:
         f"kernel    {data.get('pushed_files', 0)} small files stored into the kernel's cache "
         f"at open, {data.get('backend_nowait_reads', 0)} reads served by the host's cache",
         _requests_line(data),
+        *_remote_line(data.get("remote")),
         f"errors    {data.get('requests_failed', 0)} failed requests (log: {data.get('log')})",
     ]
     print("\n".join(lines))
     return 0
+
+
+def _remote_line(r: dict[str, Any] | None) -> list[str]:
+    """What a remote image (http(s)://, s3://) cost: bytes, requests, retries, latency."""
+    if not r:
+        return []
+    changed = f"; CHANGED: {r['object_changed']}" if r.get("object_changed") else ""
+    disk = (f", disk cache {r.get('disk_cache_hits', 0)} hits / "
+            f"{r.get('disk_cache_stored', 0)} stored / {r.get('disk_cache_dropped', 0)} dropped"
+            if "disk_cache_stored" in r else "")
+    return [f"remote    {r.get('url')}: {int(r.get('bytes_fetched', 0)) / 2**20:.1f} MiB "
+            f"fetched in {r.get('requests')} requests ({r.get('requests_inflight')} in "
+            f"flight, {r.get('retries')} retries, {r.get('merged_fetches', 0)} merged), "
+            f"latency p50/p90/p99 {r.get('latency_ms_p50')}/{r.get('latency_ms_p90')}/"
+            f"{r.get('latency_ms_p99')} ms, {r.get('memory_hits', 0)} memory hits{disk}{changed}"]
 
 
 def _requests_line(data: dict[str, Any]) -> str:

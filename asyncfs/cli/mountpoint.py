@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Collection
 from pathlib import Path
 
-from asyncfs.errors import MountPointError
+from asyncfs.errors import MountPointError, UsageError
+
+FUSE_CONF = "/etc/fuse.conf"
+FUSE_DEVICE = "/dev/fuse"
 
 
 def _unescape(field: str) -> str:
@@ -125,3 +129,40 @@ def fuse_connection(mountpoint: str) -> Path | None:
         return None
     conn = Path("/sys/fs/fuse/connections") / str(os.minor(dev))
     return conn if conn.is_dir() else None
+
+
+def fuse_conf_allows_other(path: str = FUSE_CONF) -> bool | None:
+    """Whether fusermount3 lets ordinary users mount with allow_other/allow_root: a line that is
+    exactly ``user_allow_other`` once a ``#`` comment and the surrounding white space are cut
+    off. Read as fusermount3 reads it, so the answer is its answer: a last line without its
+    newline is not looked at, and a missing file allows nothing. None when the file cannot be
+    read here (fusermount3, being setuid, still can: let it decide)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    for raw in text.split(b"\n")[:-1]:
+        if raw.split(b"#", 1)[0].strip() == b"user_allow_other":
+            return True
+    return False
+
+
+def check_unprivileged_mount(fuse_flags: Collection[str], *, conf: str = FUSE_CONF,
+                             device: str = FUSE_DEVICE) -> None:
+    """Refuse, before anything is forked, what fusermount3 would refuse an ordinary user:
+    its own message would land in the daemon's log, behind a bare "fuse_session_mount
+    failed"."""
+    if os.geteuid() == 0:
+        return
+    for flag in ("allow_other", "allow_root"):
+        if flag in fuse_flags and fuse_conf_allows_other(conf) is False:
+            raise UsageError(f"{flag} needs 'user_allow_other' in {conf} (or mount as root)")
+    if os.path.exists(device) and not os.access(device, os.R_OK | os.W_OK):
+        mode = os.stat(device).st_mode & 0o777
+        raise MountPointError(
+            f"{device} is not read-writable by you (mode {mode:04o}); mounting as an ordinary "
+            f"user needs it so (Debian makes it 0666), or mount as root"
+        )

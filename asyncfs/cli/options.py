@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from asyncfs.errors import UsageError
-from asyncfs.io import parse_latency
+from asyncfs.io.remote import RemoteOptions, redact
+from asyncfs.testing import parse_latency
 
 _SIZE_RE = re.compile(r"^(\d+)([kmgt]?)(i?b?)$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -18,6 +20,19 @@ _PASSTHROUGH_FLAGS = frozenset(
      "dev", "suid", "exec", "noatime", "relatime", "atime", "auto_unmount"}
 )
 _PASSTHROUGH_VALUES = frozenset({"fsname", "subtype"})
+
+# What only mount(8), the fstab reader or systemd's fstab generator acts on. mount(8) hands
+# some of these to a mount helper with the rest (nofail, _netdev, user or users for a user
+# mount; libmount records the user as user=NAME, and some versions pass that form on); the
+# helper drops them, and `asyncfs mount` itself still refuses them as unknown.
+MOUNT8_ONLY_FLAGS = frozenset(
+    {"_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+     "defaults"}
+)
+
+
+class UnknownOptionError(UsageError):
+    """An option asyncfs does not have at all (as opposed to a bad value of one it has)."""
 
 
 def parse_size(text: str, what: str) -> int:
@@ -105,10 +120,15 @@ class MountOptions:
     debug: bool = False
     fuse_flags: set[str] = field(default_factory=set)
     fuse_values: dict[str, str] = field(default_factory=dict)
+    # remote images (http://, https://, s3://): cafile, insecure, header, endpoint, cache_dir
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
 
     def fuse_options(self, image_name: str) -> set[str]:
         """The option set handed to ``pyfuse3.init`` (always read-only)."""
         opts = {"ro", "default_permissions", *self.fuse_flags}
+        # (a presigned URL's query is a credential: keep it out of the mount table)
+        image_name = redact(image_name).rsplit("/", 1)[-1] if "://" in image_name \
+            else image_name.split("?", 1)[0]
         values = {"fsname": f"asyncfs:{image_name}", "subtype": "asyncfs", **self.fuse_values}
         opts.update(f"{k}={v}" for k, v in values.items())
         return opts
@@ -129,84 +149,209 @@ def parse_options(groups: list[str]) -> MountOptions:
     return opts
 
 
+# -- the option table: it parses ``-o`` and it writes ``asyncfs mount --help`` ----------------
+
+Setter = Callable[[MountOptions, str, str], None]  # (options, key, value: "" for a flag)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``-o`` option: its name, the value it takes (a placeholder such as ``N`` or
+    ``SIZE``; None for a flag), one line of help, and how it sets MountOptions."""
+
+    name: str
+    value: str | None
+    help: str
+    set: Setter
+
+
+def _setter(attr: str, convert: Callable[[str, str], object]) -> Setter:
+    def set_attr(opts: MountOptions, key: str, value: str) -> None:
+        setattr(opts, attr, convert(value, key))
+    return set_attr
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
+    return lambda value, key: _parse_int(value, key, lo, hi)
+
+
+def _flag(attr: str, to: object = True) -> Setter:
+    def set_flag(opts: MountOptions, key: str, value: str) -> None:
+        setattr(opts, attr, to)
+    return set_flag
+
+
+def _set_sizelimit(opts: MountOptions, key: str, value: str) -> None:
+    opts.sizelimit = parse_size(value, key)
+    if opts.sizelimit == 0:
+        raise UsageError("sizelimit=0 leaves nothing to mount")
+
+
+def _set_cache_size(opts: MountOptions, key: str, value: str) -> None:
+    opts.cache_size = parse_size(value, key)
+    if opts.cache_size < 64 * 1024:
+        raise UsageError(f"cache_size={value} is too small (at least 64K)")
+
+
+def _set_wait(opts: MountOptions, key: str, value: str) -> None:
+    if value not in ("async", "threads"):
+        raise UsageError(f"wait={value}: expected wait=async or wait=threads")
+    opts.wait = "async" if value == "async" else "threads"
+
+
+def _set_readahead(opts: MountOptions, key: str, value: str) -> None:
+    size = parse_size(value, key)
+    if size > 64 * 2**20:
+        raise UsageError(f"{key}={value} is too large (at most 64M)")
+    setattr(opts, key, size)
+
+
+def _set_latency(opts: MountOptions, key: str, value: str) -> None:
+    opts.latency_ms, opts.latency_jitter_ms = parse_latency(value)
+    if opts.latency_ms + opts.latency_jitter_ms > 60000:
+        raise UsageError(f"latency={value} is out of range (at most 60000 ms)")
+
+
+def _set_backend(opts: MountOptions, key: str, value: str) -> None:
+    if value not in ("auto", "uring", "threads"):
+        raise UsageError(f"backend={value}: expected auto, uring or threads")
+    opts.backend = value  # type: ignore[assignment]
+
+
+def _remote(attr: str, convert: Callable[[str, str], object] = lambda v, k: v) -> Setter:
+    def set_remote(opts: MountOptions, key: str, value: str) -> None:
+        setattr(opts.remote, attr, convert(value, key))
+    return set_remote
+
+
+def _set_insecure(opts: MountOptions, key: str, value: str) -> None:
+    opts.remote.insecure = True
+
+
+def _add_header(opts: MountOptions, key: str, value: str) -> None:
+    name, colon, text = value.partition(":")
+    if not colon or not name.strip() or any(c in name for c in " \t\r\n"):
+        raise UsageError(f"header={value}: expected header=Name: value")
+    if any(c in text for c in "\r\n"):
+        raise UsageError("header=: a header value cannot hold a line break")
+    opts.remote.headers.append((name.strip(), text.strip()))
+
+
+def _refuse_rw(opts: MountOptions, key: str, value: str) -> None:
+    raise UsageError("asyncfs mounts are read-only: option rw is not supported")
+
+
+def _pass_flag(opts: MountOptions, key: str, value: str) -> None:
+    opts.fuse_flags.add(key)
+
+
+def _pass_value(opts: MountOptions, key: str, value: str) -> None:
+    opts.fuse_values[key] = value
+
+
+def _ignore(opts: MountOptions, key: str, value: str) -> None:
+    pass
+
+
+_size = parse_size
+OPTIONS: tuple[Option, ...] = (
+    Option("partition", "N", "mount partition N of a whole-disk image (as /dev/sdaN)",
+           _setter("partition", _int_in(1, 256))),
+    Option("offset", "BYTES", "the filesystem starts at this byte of the image",
+           _setter("offset", _size)),
+    Option("sizelimit", "BYTES", "with offset=: the filesystem is this long", _set_sizelimit),
+    Option("cache_size", "SIZE", "the page cache's ceiling (default: 1/8 of memory, 64M-2G)",
+           _set_cache_size),
+    Option("direct_io", None, "FUSE direct I/O: every read reaches asyncfs",
+           _flag("direct_io")),
+    Option("wait", "async|threads", "how a reader waits for a page under I/O", _set_wait),
+    Option("threads", "N", "worker threads (wait=threads, the threads backend)",
+           _setter("threads", _int_in(1, 1024))),
+    Option("readahead", "SIZE", "largest readahead window per open file (0: none)",
+           _set_readahead),
+    Option("kernel_readahead", "SIZE", "the kernel's readahead for this mount (root only)",
+           _set_readahead),
+    Option("max_background", "N", "readahead READs the kernel keeps in flight (root only)",
+           _setter("max_background", _int_in(1, 1024))),
+    Option("max_tasks", "N", "FUSE requests served at once",
+           _setter("max_tasks", _int_in(1, 10000))),
+    Option("min_tasks", "N", "idle FUSE workers kept for the next burst",
+           _setter("min_tasks", _int_in(1, 10000))),
+    Option("spin", "USEC", "watch an empty request queue this long before parking",
+           _setter("spin_us", _int_in(0, 1000))),
+    Option("latency", "MS|LO-HI", "fault injection: add this delay to every device read",
+           _set_latency),
+    Option("faults", None, "allow `asyncfs fault` on this mount (tests, benchmarks)",
+           _flag("faults")),
+    Option("backend", "auto|uring|threads", "the image backend (auto: io_uring, else threads)",
+           _set_backend),
+    Option("odirect", None, "every image read O_DIRECT (default: large reads only)",
+           _flag("odirect", True)),
+    Option("buffered", None, "every image read through the host page cache",
+           _flag("odirect", False)),
+    Option("nocsum", None, "do not verify metadata_csum checksums", _flag("verify_csum", False)),
+    Option("debug", None, "debug logging", _flag("debug")),
+    Option("cafile", "PATH", "remote images: trust this CA bundle for https://",
+           _remote("cafile")),
+    Option("insecure", None, "remote images: do not verify TLS certificates", _set_insecure),
+    Option("header", "NAME:VALUE", "remote images: send this header (repeatable)", _add_header),
+    Option("endpoint", "URL", "s3:// images: the S3 endpoint", _remote("endpoint")),
+    Option("cache_dir", "DIR", "remote images: a persistent cache of fetched blocks",
+           _remote("cache_dir")),
+    Option("cache_dir_size", "SIZE", "remote images: the persistent cache's bound",
+           _remote("cache_dir_size", _size)),
+    Option("connections", "N", "remote images: connections to the server",
+           _remote("connections", _int_in(1, 256))),
+    Option("retries", "N", "remote images: tries per request before EIO",
+           _remote("retries", _int_in(1, 100))),
+    Option("ro", None, "read-only (always)", _ignore),
+    Option("rw", None, "refused: asyncfs mounts are read-only", _refuse_rw),
+    *(Option(flag, None, "passed to FUSE/the kernel", _pass_flag)
+      for flag in sorted(_PASSTHROUGH_FLAGS)),
+    *(Option(key, "TEXT", "passed to FUSE/the kernel", _pass_value)
+      for key in sorted(_PASSTHROUGH_VALUES)),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def options_help() -> str:
+    """Every ``-o`` option, one line each, from the table that parses them."""
+    def left(o: Option) -> str:
+        return o.name if o.value is None else f"{o.name}={o.value}"
+
+    width = max(len(left(o)) for o in OPTIONS) + 2
+    return "mount options (-o OPT[,OPT...]; sizes take K, M, G, T):\n" + "\n".join(
+        f"  {left(o):<{width}}{o.help}" for o in OPTIONS)
+
+
 def _apply(opts: MountOptions, item: str) -> None:
     key, sep, value = item.partition("=")
     key = key.strip()
-    has_value = bool(sep)
-
-    def need_value() -> str:
-        if not has_value or not value:
-            raise UsageError(f"option {key} needs a value ({key}=...)")
-        return value
-
-    def no_value() -> None:
-        if has_value:
+    option = _BY_NAME.get(key)
+    if option is None:
+        raise UnknownOptionError(f"unknown mount option: {item}")
+    if option.value is None:
+        if sep and option.set is not _refuse_rw:
             raise UsageError(f"option {key} takes no value")
+    elif not sep or not value:
+        raise UsageError(f"option {key} needs a value ({key}=...)")
+    option.set(opts, key, value)
 
-    if key == "partition":
-        opts.partition = _parse_int(need_value(), key, 1, 256)
-    elif key == "offset":
-        opts.offset = parse_size(need_value(), key)
-    elif key == "sizelimit":
-        opts.sizelimit = parse_size(need_value(), key)
-        if opts.sizelimit == 0:
-            raise UsageError("sizelimit=0 leaves nothing to mount")
-    elif key == "cache_size":
-        opts.cache_size = parse_size(need_value(), key)
-        if opts.cache_size < 64 * 1024:
-            raise UsageError(f"cache_size={value} is too small (at least 64K)")
-    elif key == "direct_io":
-        no_value()
-        opts.direct_io = True
-    elif key == "wait":
-        v = need_value()
-        if v not in ("async", "threads"):
-            raise UsageError(f"wait={v}: expected wait=async or wait=threads")
-        opts.wait = "async" if v == "async" else "threads"
-    elif key == "threads":
-        opts.threads = _parse_int(need_value(), key, 1, 1024)
-    elif key in ("readahead", "kernel_readahead"):
-        size = parse_size(need_value(), key)
-        if size > 64 * 2**20:
-            raise UsageError(f"{key}={value} is too large (at most 64M)")
-        setattr(opts, key, size)
-    elif key == "max_background":
-        opts.max_background = _parse_int(need_value(), key, 1, 1024)
-    elif key == "max_tasks":
-        opts.max_tasks = _parse_int(need_value(), key, 1, 10000)
-    elif key == "min_tasks":
-        opts.min_tasks = _parse_int(need_value(), key, 1, 10000)
-    elif key == "spin":
-        opts.spin_us = _parse_int(need_value(), key, 0, 1000)
-    elif key == "latency":
-        opts.latency_ms, opts.latency_jitter_ms = parse_latency(need_value())
-        if opts.latency_ms + opts.latency_jitter_ms > 60000:
-            raise UsageError(f"latency={value} is out of range (at most 60000 ms)")
-    elif key == "faults":
-        no_value()
-        opts.faults = True
-    elif key == "backend":
-        v = need_value()
-        if v not in ("auto", "uring", "threads"):
-            raise UsageError(f"backend={v}: expected auto, uring or threads")
-        opts.backend = v  # type: ignore[assignment]
-    elif key in ("odirect", "buffered"):
-        no_value()
-        opts.odirect = key == "odirect"
-    elif key == "nocsum":
-        no_value()
-        opts.verify_csum = False
-    elif key == "debug":
-        no_value()
-        opts.debug = True
-    elif key == "ro":
-        no_value()
-    elif key == "rw":
-        raise UsageError("asyncfs mounts are read-only: option rw is not supported")
-    elif key in _PASSTHROUGH_FLAGS:
-        no_value()
-        opts.fuse_flags.add(key)
-    elif key in _PASSTHROUGH_VALUES:
-        opts.fuse_values[key] = need_value()
-    else:
-        raise UsageError(f"unknown mount option: {item}")
+
+def concerns_mount8_only(item: str) -> bool:
+    """True for an option that means something to mount(8) and nothing to asyncfs."""
+    key, sep, _ = item.partition("=")
+    if key in MOUNT8_ONLY_FLAGS:
+        return not sep or key == "user"
+    return key.startswith(("x-", "X-")) or (key == "comment" and bool(sep))
+
+
+def is_known_option(item: str) -> bool:
+    """Whether ``item`` names an asyncfs option (its value may still be bad)."""
+    try:
+        _apply(MountOptions(), item.strip())
+    except UnknownOptionError:
+        return False
+    except UsageError:
+        pass
+    return True

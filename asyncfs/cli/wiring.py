@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from asyncfs.cli.options import MountOptions, cache_start
 from asyncfs.engine.cache import PageCache
 from asyncfs.engine.volume import Volume
-from asyncfs.io import FaultyDevice, open_image
+from asyncfs.io import open_image
 from asyncfs.io.device import BlockDevice
+from asyncfs.io.remote import remote_device
+from asyncfs.testing import FaultyDevice
 
 
 @dataclass
@@ -20,6 +22,8 @@ class Stack:
     cache: PageCache
     volume: Volume
     faults: FaultyDevice | None
+    backend: str  # the image backend that serves ("uring" or "threads")
+    backend_note: str | None  # why, where it is not the one asked for (io_uring refused)
 
 
 @asynccontextmanager
@@ -33,7 +37,10 @@ async def open_stack(image: str | os.PathLike[str], opts: MountOptions) -> Async
         offset=opts.offset,
         sizelimit=opts.sizelimit,
         threads=opts.threads,
+        remote=opts.remote,
     )
+    backend = str(getattr(device, "backend_name", type(device).__name__))
+    backend_note = getattr(device, "backend_note", None)
     faults: FaultyDevice | None = None
     try:
         if opts.latency_ms or opts.latency_jitter_ms or opts.faults:
@@ -46,13 +53,23 @@ async def open_stack(image: str | os.PathLike[str], opts: MountOptions) -> Async
             cache_max_bytes=opts.cache_size,
             wait_mode=opts.wait,
             threads=opts.threads,
-            readahead_max=opts.readahead,
+            readahead_max=_readahead(device, opts.readahead),
         )
         try:
-            volume = await Volume.open(cache, verify_csum=opts.verify_csum,
-                                       device_size=device.size)
-            yield Stack(device=device, cache=cache, volume=volume, faults=faults)
+            volume = await Volume.mount(cache, verify_csum=opts.verify_csum,
+                                        device_size=device.size)
+            yield Stack(device=device, cache=cache, volume=volume, faults=faults,
+                        backend=backend, backend_note=backend_note)
         finally:
             await cache.aclose()
     finally:
         await device.aclose()
+
+
+def _readahead(device: BlockDevice, configured: int) -> int:
+    """A remote object's window is at least its bandwidth-delay product (its
+    ``readahead_hint``), so a stream keeps the link busy; ``readahead=0`` stays off."""
+    remote = remote_device(device)
+    if remote is None or configured <= 0:
+        return configured
+    return max(configured, remote.readahead_hint)

@@ -24,9 +24,8 @@ chunk ahead of need, so their first-touch faults are taken off the trio thread; 
 evicted pages are reused, already resident.
 
 A frame is handed out as a writable ``memoryview``, made once per frame (and once per block)
-and handed out again whenever that frame (block) is: liburing's ``Iovec`` keeps an export of
-every buffer it is given and never releases it, so a fresh view for each read would leak one
-view per read (the arena's views live as long as the arena anyway). A reader may hold views
+and handed out again whenever that frame (block) is, so a read makes no view object of its own
+(the arena's views live as long as the arena anyway). A reader may hold views
 of frames only within one scheduler step (the read path copies them out before any
 ``await``; a single-page result is a view its caller uses before it awaits again), so a freed
 frame or block goes to a *pending* list, and ``quiesce()`` makes pending memory reusable at a

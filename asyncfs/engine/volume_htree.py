@@ -1,8 +1,9 @@
 """htree (dx) directory lookups: dx_probe down the index, then the leaf search with the
 hash-collision continuation of ext4_htree_next_block.
 
-Driven by the Volume through a narrow host interface (read a directory block, check index and
-leaf checksums, compare names), so the walk is in one place and testable alone.
+Driven by the volume's directory operations (engine/dirops.py ``Directories``) through a narrow
+host interface (parsed index blocks, leaf name tables, name comparison and hashing), so the walk
+is in one place and testable alone.
 """
 
 from __future__ import annotations

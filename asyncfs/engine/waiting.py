@@ -1,14 +1,15 @@
 """Wait-entry glue between the pure wait table and trio: how a request parks on a page.
 
-``async`` mode (the seed patch): the entry's callback is ``trio.lowlevel.reschedule`` of the
-parked task, so a parked request costs one small entry and one suspended task, no thread.
-``threads`` mode (before the seed patch, for comparison): the callback sets a
+``async`` mode (the Linux patch "mm: add support for async page locking"): the entry's
+callback is ``trio.lowlevel.reschedule`` of the parked task, so a parked request costs one
+small entry and one suspended task, no thread.
+``threads`` mode (how io_uring waited before that patch, for comparison): the callback sets a
 ``threading.Event`` and the request blocks a worker thread from a bounded pool on it, like
 io-wq workers sleeping in ``lock_page_killable``.
 
-Both keep the exactly-once rules (§4.7): an entry leaves its head once, by a wake or by the
-cancel path here, and a cancelled owner of an exclusive wake passes it on (or releases a lock
-handed to it) so the next waiter is not starved (§4.6).
+Both keep the exactly-once rules (invariant 7, docs/invariants.md): an entry leaves its head
+once, by a wake or by the cancel path here, and a cancelled owner of an exclusive wake passes
+it on (or releases a lock handed to it) so the next waiter is not starved (invariant 6).
 """
 
 from __future__ import annotations

@@ -30,8 +30,6 @@ Signatures:
 * ``verify_dx_node(block: bytes, inode_seed: int) -> bool`` — dx root or dx node (count/limit
   located like get_dx_countlimit; False when it cannot be located or has no room for a tail);
 * ``verify_xattr_block(block: bytes, block_nr: int, fs_seed: int) -> bool``.
-
-Each ``verify_x`` has a ``x_csum`` twin returning the computed value (for tests, logs).
 """
 
 from __future__ import annotations
@@ -40,14 +38,17 @@ import struct
 
 import crc32c as _crc32c
 
+from asyncfs.ext4.dirent import DIR_TAIL_SIZE, FT_DIR_CSUM
+from asyncfs.ext4.extents import ENTRY_SIZE as EXT_ENTRY_SIZE
+from asyncfs.ext4.extents import HEADER_SIZE as EXT_HEADER_SIZE
+from asyncfs.ext4.features import INCOMPAT_CSUM_SEED
+from asyncfs.ext4.htree import DX_ENTRY_SIZE, DX_TAIL_SIZE
+from asyncfs.ext4.inode import I_CHECKSUM_HI_OFF, I_EXTRA_ISIZE_OFF
 from asyncfs.ext4.le import u16 as _u16
 from asyncfs.ext4.le import u32 as _u32
+from asyncfs.ext4.superblock import GOOD_OLD_INODE_SIZE
 
 _M = 0xFFFFFFFF
-
-EXT4_INCOMPAT_CSUM_SEED = 0x2000
-EXT4_FT_DIR_CSUM = 0xDE
-EXT4_GOOD_OLD_INODE_SIZE = 128
 
 _SB_CHECKSUM_OFF = 0x3FC
 _SB_UUID_OFF = 0x68
@@ -56,13 +57,6 @@ _SB_CHECKSUM_SEED_OFF = 0x270
 _BG_CHECKSUM_OFF = 0x1E
 _I_GENERATION_OFF = 0x64
 _I_CHECKSUM_LO_OFF = 0x7C
-_I_EXTRA_ISIZE_OFF = 0x80
-_I_CHECKSUM_HI_OFF = 0x82
-_EXT_HEADER = 12
-_EXT_ENTRY = 12
-_DIRENT_TAIL = 12
-_DX_ENTRY = 8
-_DX_TAIL = 8
 _XATTR_H_CHECKSUM_OFF = 16
 
 
@@ -120,7 +114,7 @@ def csum_seed_from_superblock(raw_sb: bytes) -> int:
     incompat = _u32(raw_sb, _SB_INCOMPAT_OFF)
     seed = _u32(raw_sb, _SB_CHECKSUM_SEED_OFF)
     uuid = bytes(raw_sb[_SB_UUID_OFF : _SB_UUID_OFF + 16])
-    return csum_seed(uuid, seed, bool(incompat & EXT4_INCOMPAT_CSUM_SEED))
+    return csum_seed(uuid, seed, bool(incompat & INCOMPAT_CSUM_SEED))
 
 
 def inode_csum_seed(fs_seed: int, ino: int, generation: int) -> int:
@@ -176,11 +170,11 @@ def verify_group_desc(
 
 
 def _has_checksum_hi(raw_inode: bytes, inode_size: int) -> bool:
-    if inode_size <= EXT4_GOOD_OLD_INODE_SIZE:
+    if inode_size <= GOOD_OLD_INODE_SIZE:
         return False
-    extra = _u16(raw_inode, _I_EXTRA_ISIZE_OFF)
+    extra = _u16(raw_inode, I_EXTRA_ISIZE_OFF)
     # EXT4_FITS_IN_INODE(raw, ei, i_checksum_hi)
-    return EXT4_GOOD_OLD_INODE_SIZE + extra >= _I_CHECKSUM_HI_OFF + 2
+    return GOOD_OLD_INODE_SIZE + extra >= I_CHECKSUM_HI_OFF + 2
 
 
 def inode_csum(raw_inode: bytes, inode_size: int, inode_seed: int) -> int:
@@ -190,7 +184,7 @@ def inode_csum(raw_inode: bytes, inode_size: int, inode_seed: int) -> int:
     raw = bytearray(raw_inode[:inode_size])
     raw[_I_CHECKSUM_LO_OFF : _I_CHECKSUM_LO_OFF + 2] = b"\0\0"
     if _has_checksum_hi(raw_inode, inode_size):
-        raw[_I_CHECKSUM_HI_OFF : _I_CHECKSUM_HI_OFF + 2] = b"\0\0"
+        raw[I_CHECKSUM_HI_OFF : I_CHECKSUM_HI_OFF + 2] = b"\0\0"
     return ext4_chksum(inode_seed, raw)
 
 
@@ -198,14 +192,14 @@ def verify_inode(raw_inode: bytes, inode_size: int, inode_seed: int) -> bool:
     """i_checksum_lo (+ i_checksum_hi when it fits) matches. ``inode_seed`` from
     :func:`inode_csum_seed` with i_generation of this very inode (see :func:`inode_generation`).
     """
-    if len(raw_inode) < inode_size or inode_size < EXT4_GOOD_OLD_INODE_SIZE:
+    if len(raw_inode) < inode_size or inode_size < GOOD_OLD_INODE_SIZE:
         return False
-    if inode_size > EXT4_GOOD_OLD_INODE_SIZE and inode_size < _I_EXTRA_ISIZE_OFF + 2:
+    if inode_size > GOOD_OLD_INODE_SIZE and inode_size < I_EXTRA_ISIZE_OFF + 2:
         return False
     provided = _u16(raw_inode, _I_CHECKSUM_LO_OFF)
     calculated = inode_csum(raw_inode, inode_size, inode_seed)
     if _has_checksum_hi(raw_inode, inode_size):
-        provided |= _u16(raw_inode, _I_CHECKSUM_HI_OFF) << 16
+        provided |= _u16(raw_inode, I_CHECKSUM_HI_OFF) << 16
     else:
         calculated &= 0xFFFF
     return provided == calculated
@@ -221,16 +215,11 @@ def inode_generation(raw_inode: bytes) -> int:
 
 
 def _extent_tail_offset(block: bytes) -> int | None:
-    if len(block) < _EXT_HEADER:
+    if len(block) < EXT_HEADER_SIZE:
         return None
     eh_max = _u16(block, 4)
-    off = _EXT_HEADER + _EXT_ENTRY * eh_max
+    off = EXT_HEADER_SIZE + EXT_ENTRY_SIZE * eh_max
     return off if off + 4 <= len(block) else None
-
-
-def extent_block_csum(block: bytes, inode_seed: int) -> int | None:
-    off = _extent_tail_offset(block)
-    return None if off is None else ext4_chksum(inode_seed, block[:off])
 
 
 def verify_extent_block(block: bytes, inode_seed: int) -> bool:
@@ -244,19 +233,19 @@ def verify_extent_block(block: bytes, inode_seed: int) -> bool:
 
 def has_dirent_tail(block: bytes) -> bool:
     """The block ends in the fake 12-byte dirent that holds a leaf checksum."""
-    if len(block) < _DIRENT_TAIL:
+    if len(block) < DIR_TAIL_SIZE:
         return False
-    t = len(block) - _DIRENT_TAIL
+    t = len(block) - DIR_TAIL_SIZE
     return (
         _u32(block, t) == 0
-        and _u16(block, t + 4) == _DIRENT_TAIL
+        and _u16(block, t + 4) == DIR_TAIL_SIZE
         and block[t + 6] == 0
-        and block[t + 7] == EXT4_FT_DIR_CSUM
+        and block[t + 7] == FT_DIR_CSUM
     )
 
 
 def dir_block_csum(block: bytes, inode_seed: int) -> int:
-    return ext4_chksum(inode_seed, block[: len(block) - _DIRENT_TAIL])
+    return ext4_chksum(inode_seed, block[: len(block) - DIR_TAIL_SIZE])
 
 
 def verify_dir_block(block: bytes, inode_seed: int) -> bool:
@@ -289,7 +278,7 @@ def dx_count_offset(block: bytes) -> int | None:
     else:
         return None
     limit, count = struct.unpack_from("<HH", block, off)
-    max_sane = (bs - off) // _DX_ENTRY
+    max_sane = (bs - off) // DX_ENTRY_SIZE
     if limit > max_sane or count > max_sane:
         return None
     return off
@@ -300,10 +289,10 @@ def dx_node_csum(block: bytes, inode_seed: int) -> int | None:
     if off is None:
         return None
     limit, count = struct.unpack_from("<HH", block, off)
-    if off + limit * _DX_ENTRY > len(block) - _DX_TAIL:
+    if off + limit * DX_ENTRY_SIZE > len(block) - DX_TAIL_SIZE:
         return None
-    tail = off + limit * _DX_ENTRY
-    c = ext4_chksum(inode_seed, block[: off + count * _DX_ENTRY])
+    tail = off + limit * DX_ENTRY_SIZE
+    c = ext4_chksum(inode_seed, block[: off + count * DX_ENTRY_SIZE])
     c = ext4_chksum(c, block[tail : tail + 4])  # dt_reserved
     return ext4_chksum(c, b"\0\0\0\0")
 
@@ -317,7 +306,7 @@ def verify_dx_node(block: bytes, inode_seed: int) -> bool:
     off = dx_count_offset(block)
     assert off is not None
     limit = _u16(block, off)
-    stored = _u32(block, off + limit * _DX_ENTRY + 4)
+    stored = _u32(block, off + limit * DX_ENTRY_SIZE + 4)
     return stored == c
 
 

@@ -13,14 +13,12 @@ from typing import TypeVar
 
 from asyncfs.errors import CorruptionError
 from asyncfs.ext4.dirent import dir_rec_len
+from asyncfs.ext4.dx_hash import DX_HASH_HALF_MD4, DX_HASH_LEGACY, DX_HASH_SIPHASH, DX_HASH_TEA
 
-DX_HASH_LEGACY = 0
-DX_HASH_HALF_MD4 = 1
-DX_HASH_TEA = 2
-DX_HASH_SIPHASH = 6
-_DX_ENTRY = 8
+DX_ENTRY_SIZE = 8
 DX_TAIL_SIZE = 8
 _ROOT_INFO_OFF = 24  # after the "." (12 bytes) and ".." records
+DX_ROOT_HASH_VERSION_OFF = _ROOT_INFO_OFF + 4  # dx_root_info.hash_version
 
 T = TypeVar("T")
 
@@ -45,7 +43,7 @@ class DxRoot:
 
 
 def _entries(b: bytes, off: int, want_limit: int, what: str) -> DxBlock:
-    if off + _DX_ENTRY > len(b):
+    if off + DX_ENTRY_SIZE > len(b):
         raise CorruptionError(f"{what}: truncated")
     limit = int.from_bytes(b[off : off + 2], "little")
     count = int.from_bytes(b[off + 2 : off + 4], "little")
@@ -53,12 +51,12 @@ def _entries(b: bytes, off: int, want_limit: int, what: str) -> DxBlock:
         raise CorruptionError(f"{what}: dx limit {limit}, expected {want_limit}")
     if count == 0 or count > limit:
         raise CorruptionError(f"{what}: dx count {count} (limit {limit})")
-    if off + count * _DX_ENTRY > len(b):
+    if off + count * DX_ENTRY_SIZE > len(b):
         raise CorruptionError(f"{what}: dx entries run past the block")
     hashes: list[int] = []
     blocks: list[int] = []
     for i in range(count):
-        p = off + i * _DX_ENTRY
+        p = off + i * DX_ENTRY_SIZE
         h = 0 if i == 0 else int.from_bytes(b[p : p + 4], "little")
         hashes.append(h)
         blocks.append(int.from_bytes(b[p + 4 : p + 8], "little") & 0x0FFFFFFF)
@@ -67,11 +65,11 @@ def _entries(b: bytes, off: int, want_limit: int, what: str) -> DxBlock:
 
 def dx_root_limit(block_size: int, info_length: int, csum: bool) -> int:
     entry_space = block_size - dir_rec_len(1) - dir_rec_len(2) - info_length
-    return entry_space // _DX_ENTRY - (1 if csum else 0)
+    return entry_space // DX_ENTRY_SIZE - (1 if csum else 0)
 
 
 def dx_node_limit(block_size: int, csum: bool) -> int:
-    return (block_size - dir_rec_len(0)) // _DX_ENTRY - (1 if csum else 0)
+    return (block_size - dir_rec_len(0)) // DX_ENTRY_SIZE - (1 if csum else 0)
 
 
 def parse_dx_root(raw: bytes, *, block_size: int, csum: bool, largedir: bool) -> DxRoot:
@@ -81,7 +79,8 @@ def parse_dx_root(raw: bytes, *, block_size: int, csum: bool, largedir: bool) ->
         raise CorruptionError("dx root: truncated")
     off = _ROOT_INFO_OFF
     reserved_zero = int.from_bytes(b[off : off + 4], "little")
-    hash_version, info_length, levels, unused_flags = b[off + 4], b[off + 5], b[off + 6], b[off + 7]
+    hash_version = b[DX_ROOT_HASH_VERSION_OFF]
+    info_length, levels, unused_flags = b[off + 5], b[off + 6], b[off + 7]
     if reserved_zero:
         raise CorruptionError("dx root: reserved field not zero")
     if hash_version not in (DX_HASH_LEGACY, DX_HASH_HALF_MD4, DX_HASH_TEA, DX_HASH_SIPHASH):

@@ -35,6 +35,9 @@ EXT4_EA_INODE_FL = 0x200000
 EXT4_INLINE_DATA_FL = 0x10000000
 EXT4_CASEFOLD_FL = 0x40000000
 
+EXT4_ROOT_INO = 2
+EXT4_BOOT_LOADER_INO = 5
+
 EXT4_N_BLOCKS = 15
 I_BLOCK_OFF = 0x28
 I_BLOCK_SIZE = 60
@@ -43,8 +46,8 @@ _EPOCH_MASK = 0x3
 _NSEC_SHIFT = 2
 
 # offsets of fields past the 128-byte base inode, with their sizes
-_OFF_EXTRA_ISIZE = 0x80
-_OFF_CHECKSUM_HI = 0x82
+I_EXTRA_ISIZE_OFF = 0x80
+I_CHECKSUM_HI_OFF = 0x82
 _OFF_CTIME_EXTRA = 0x84
 _OFF_MTIME_EXTRA = 0x88
 _OFF_ATIME_EXTRA = 0x8C
@@ -142,9 +145,9 @@ def parse_inode(raw: bytes, ino: int, sb: Superblock) -> Inode:
     crtime = None
     if isz > GOOD_OLD_INODE_SIZE:
         if isz >= _EXTRA_END:
-            extra_isize, _, c_x, m_x, a_x, cr, cr_x = _EXTRA.unpack_from(b, _OFF_EXTRA_ISIZE)
+            extra_isize, _, c_x, m_x, a_x, cr, cr_x = _EXTRA.unpack_from(b, I_EXTRA_ISIZE_OFF)
         else:
-            extra_isize = _u16(b, _OFF_EXTRA_ISIZE)
+            extra_isize = _u16(b, I_EXTRA_ISIZE_OFF)
         if GOOD_OLD_INODE_SIZE + extra_isize > isz or extra_isize & 3:
             raise CorruptionError(
                 f"inode {ino}: bad extra_isize ({extra_isize}, inode size {isz})"

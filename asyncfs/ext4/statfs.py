@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from asyncfs.ext4 import features as F
+from asyncfs.ext4.dirent import EXT4_NAME_LEN
 from asyncfs.ext4.group import GroupDesc, bg_has_super, bg_num_gdb, group_first_block
 from asyncfs.ext4.superblock import Superblock
 from asyncfs.types import StatFs
-
-EXT4_NAME_LEN = 255
 
 
 def _count_overhead(sb: Superblock, grp: int, gds: Sequence[GroupDesc]) -> int:

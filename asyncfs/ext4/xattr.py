@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 from ..errors import CorruptionError, InvalidError, NoAttrError, NotSupportedError
 from .csum import ext4_chksum
+from .inode import EXT4_ROOT_INO
+from .superblock import GOOD_OLD_INODE_SIZE
 
 EXT4_XATTR_MAGIC = 0xEA020000
-EXT4_GOOD_OLD_INODE_SIZE = 128
 EXT4_XATTR_BLOCK_HEADER_SIZE = 32
 EXT4_XATTR_ENTRY_SIZE = 16  # fixed part of struct ext4_xattr_entry, before e_name
 EXT4_XATTR_SIZE_MAX = 1 << 24
-EXT4_ROOT_INO = 2
 
 EXT4_XATTR_INDEX_USER = 1
 EXT4_XATTR_INDEX_POSIX_ACL_ACCESS = 2
@@ -176,9 +176,9 @@ def parse_ibody_xattrs(
     """
     if len(raw_inode) < inode_size:
         raise CorruptionError(f"inode buffer of {len(raw_inode)} bytes, inode size {inode_size}")
-    if extra_isize < 0 or EXT4_GOOD_OLD_INODE_SIZE + extra_isize > inode_size:
+    if extra_isize < 0 or GOOD_OLD_INODE_SIZE + extra_isize > inode_size:
         raise CorruptionError(f"i_extra_isize {extra_isize} does not fit inode size {inode_size}")
-    header = EXT4_GOOD_OLD_INODE_SIZE + extra_isize
+    header = GOOD_OLD_INODE_SIZE + extra_isize
     if header + 4 > inode_size:
         return []
     (magic,) = struct.unpack_from("<I", raw_inode, header)

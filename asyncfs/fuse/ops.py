@@ -36,10 +36,6 @@ _PUSHED_MAX = 16384  # inodes already stored (the kernel keeps them: keep_cache)
 T = TypeVar("T")
 
 
-class OpenFileLike(Protocol):
-    """What the volume hands back from ``open``; opaque to the adapter."""
-
-
 class VolumeLike(Protocol):
     """The engine Volume surface the adapter calls (see asyncfs/engine/volume.py)."""
 

@@ -2,14 +2,13 @@
 
 Buffers come from anonymous ``mmap`` (always page-aligned) in power-of-two size classes; a
 freed buffer goes back to a bounded free list so the hot path neither maps memory nor faults
-fresh pages in. Each buffer keeps a memoryview and an io_uring ``Iovec`` for its full length,
-so the common read (a whole size class, e.g. one aligned 4 KiB page) builds no new objects.
+fresh pages in. Each buffer keeps a memoryview of its full length, so the common read (a whole
+size class, e.g. one aligned 4 KiB page) builds no new objects.
 """
 
 from __future__ import annotations
 
 import mmap
-from typing import Any
 
 ALIGN = 4096  # O_DIRECT alignment for offsets, lengths and memory (>= any logical block size)
 _KEEP_SMALL = 256  # free buffers kept per class up to 64 KiB
@@ -30,14 +29,13 @@ def size_class(n: int) -> int:
 
 
 class Buffer:
-    """One page-aligned buffer; ``iov`` is filled in lazily by the io_uring backend."""
+    """One page-aligned buffer and a view of all of it."""
 
-    __slots__ = ("iov", "mm", "view")
+    __slots__ = ("mm", "view")
 
     def __init__(self, size: int) -> None:
         self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self.mm)
-        self.iov: Any = None
 
 
 class AlignedPool:

@@ -55,6 +55,7 @@ class FileDeviceBase:
         self._probe_misses = 0  # in a row
         self._probe_skips = 0  # since the last sampled probe while backed off
         self.probes_skipped = 0
+        self.backend_note: str | None = None  # why this backend serves, where it was not chosen
         self._closed = False
 
     @property

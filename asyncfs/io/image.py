@@ -99,6 +99,7 @@ class ImageInfo:
     disk_id: str
     partitions: tuple[PartitionInfo, ...]
     warnings: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()  # the image format and its backing chain (qcow2, NBD)
 
     def format(self) -> str:
         """The text ``asyncfs info`` prints."""
@@ -107,7 +108,7 @@ class ImageInfo:
             f"{self.table.upper()} partition table, {self.sector_size}-byte sectors, "
             f"id {self.disk_id}"
         )
-        lines = [head] + [f"warning: {w}" for w in self.warnings]
+        lines = [head, *self.layers] + [f"warning: {w}" for w in self.warnings]
         lines.append(f"{'#':>3} {'start':>14} {'size':>14} {'':>10}  {'type':<24} "
                      f"{'filesystem':<11} name")
         for p in self.partitions:
@@ -118,17 +119,28 @@ class ImageInfo:
         return "\n".join(lines)
 
 
-def _fs_of(fd: int, disk_size: int, p: Partition) -> str:
+def sub_reader(read: Reader, base: int, limit: int) -> Reader:
+    """``read`` seen through the window ``[base, base + limit)``."""
+
+    def sub(off: int, length: int) -> bytes:
+        if off < 0 or off >= limit:
+            return b""
+        return read(base + off, min(length, limit - off))
+
+    return sub
+
+
+def _fs_of(read: Reader, disk_size: int, p: Partition) -> str:
     if p.container:
         return ""
     limit = max(0, min(p.size, disk_size - p.start))
-    return detect_filesystem(file_reader(fd, limit, p.start), limit)
+    return detect_filesystem(sub_reader(read, p.start, limit), limit)
 
 
-def table_of(fd: int, size: int, path: str) -> tuple[str, int, str, tuple[Partition, ...],
-                                                     tuple[str, ...]]:
+def table_of(read: Reader, size: int, path: str) -> tuple[str, int, str, tuple[Partition, ...],
+                                                          tuple[str, ...]]:
     try:
-        table = parse_partition_table(file_reader(fd, size), size)
+        table = parse_partition_table(read, size)
     except PartitionTableError as err:
         raise ImageError(f"{path}: {err}") from None
     if table is None:
@@ -137,14 +149,19 @@ def table_of(fd: int, size: int, path: str) -> tuple[str, int, str, tuple[Partit
 
 
 def describe_fd(fd: int, size: int, path: str) -> ImageInfo:
-    kind, ss, disk_id, parts, warnings = table_of(fd, size, path)
+    return describe_reader(file_reader(fd, size), size, path)
+
+
+def describe_reader(read: Reader, size: int, path: str) -> ImageInfo:
+    """``describe_fd`` over any ``read(offset, length)`` of a ``size``-byte disk."""
+    kind, ss, disk_id, parts, warnings = table_of(read, size, path)
     if kind == "none":
         whole = PartitionInfo(0, 0, size, "whole image", "", "",
-                              detect_filesystem(file_reader(fd, size), size))
+                              detect_filesystem(read, size))
         return ImageInfo(path, size, "none", ss, "", (whole,), warnings)
     infos = tuple(
-        PartitionInfo(p.number, p.start, p.size, p.type, p.type_id, p.name, _fs_of(fd, size, p),
-                      p.bootable, p.container)
+        PartitionInfo(p.number, p.start, p.size, p.type, p.type_id, p.name,
+                      _fs_of(read, size, p), p.bootable, p.container)
         for p in parts
     )
     return ImageInfo(path, size, kind, ss, disk_id, infos, warnings)  # type: ignore[arg-type]
@@ -173,6 +190,15 @@ def resolve_window(
     sizelimit: int | None,
 ) -> tuple[int, int]:
     """(start, length) in bytes of the filesystem inside the image, per the user's choice."""
+    return resolve_window_reader(file_reader(fd, size), size, path, partition=partition,
+                                 offset=offset, sizelimit=sizelimit)
+
+
+def resolve_window_reader(
+    read: Reader, size: int, path: str, *, partition: int | None, offset: int | None,
+    sizelimit: int | None,
+) -> tuple[int, int]:
+    """``resolve_window`` over any ``read(offset, length)`` of a ``size``-byte disk."""
     if partition is not None and (offset is not None or sizelimit is not None):
         raise ImageError("give either partition=N or offset=/sizelimit=, not both")
     if offset is not None or sizelimit is not None:
@@ -187,7 +213,7 @@ def resolve_window(
                 raise ImageError(f"sizelimit={sizelimit} must be positive")
             length = min(length, sizelimit)  # as losetup: the window ends at the file's end
         return start, length
-    info = describe_fd(fd, size, path)
+    info = describe_reader(read, size, path)
     if info.table == "none":
         if partition is not None:
             raise ImageError(f"{path} has no partition table, so partition={partition} "

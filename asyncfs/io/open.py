@@ -15,9 +15,14 @@ import trio
 
 from asyncfs.errors import ImageError
 from asyncfs.io.device import BlockDevice
+from asyncfs.io.format import FileOpener, open_format
 from asyncfs.io.image import open_readonly, resolve_window
+from asyncfs.io.nbd import NbdDevice, is_nbd_uri
+from asyncfs.io.qcow2 import MAGIC as QCOW2_MAGIC
+from asyncfs.io.remote import RemoteOptions, is_remote_url, open_remote
 from asyncfs.io.threads import ThreadDevice
 from asyncfs.io.uring import UringDevice, UringUnavailable
+from asyncfs.io.window import open_window
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +59,78 @@ async def open_image(
     offset: int | None = None,
     sizelimit: int | None = None,
     threads: int = 16,
+    remote: RemoteOptions | None = None,
 ) -> BlockDevice:
     """Open ``path`` read-only and return the device for the chosen filesystem window.
+
+    ``path`` is a raw or qcow2 image file (told by its magic), or an NBD URI
+    (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``) serving either.
 
     ``direct=None`` takes the measured default, hybrid: reads of ``DIRECT_MIN`` bytes or more
     go O_DIRECT (where the filesystem allows it), smaller ones through the host page cache;
     ``direct=False``: every read through the host page cache; ``direct=True``: every read
     O_DIRECT;
-    ``backend="auto"`` uses io_uring and falls back to threads where the ring cannot be set up.
+    ``backend="auto"`` uses io_uring and falls back to threads where the ring cannot be set up
+    (logging one line that says why, kept in the device's ``backend_note``); ``"uring"``
+    without a ring is an ImageError.
     Raises ImageError with a one-line message for anything the user must fix.
     """
     p = os.fspath(path)
     if backend not in ("auto", "uring", "threads"):
         raise ImageError(f"unknown I/O backend {backend!r} (auto, uring, threads)")
+    if is_remote_url(p):  # http(s):// or s3://, with the options in ``remote``
+        return await _open_layered(await open_remote(p, remote), None, None,
+                                   partition=partition, offset=offset, sizelimit=sizelimit)
+    if is_nbd_uri(p):
+        return await _open_layered(await NbdDevice.connect(p), None, None, partition=partition,
+                                   offset=offset, sizelimit=sizelimit)
     fd, size = await trio.to_thread.run_sync(open_readonly, p)
+    try:
+        # A raw image's window is resolved on the descriptor (the fast path); a qcow2 image
+        # gets a device stack: file -> qcow2 guest disk -> window.
+        window = await trio.to_thread.run_sync(
+            lambda: None if os.pread(fd, 4, 0) == QCOW2_MAGIC else resolve_window(
+                fd, size, p, partition=partition, offset=offset, sizelimit=sizelimit)
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    if window is None:
+        async def open_file(fp: str) -> BlockDevice:
+            ffd, fsize = await trio.to_thread.run_sync(open_readonly, fp)
+            return await _file_device(ffd, fp, 0, fsize, backend=backend, direct=direct,
+                                      threads=threads)
+
+        filedev = await _file_device(fd, p, 0, size, backend=backend, direct=direct,
+                                     threads=threads)
+        return await _open_layered(filedev, p, open_file, partition=partition, offset=offset,
+                                   sizelimit=sizelimit)
+    return await _file_device(fd, p, *window, backend=backend, direct=direct, threads=threads)
+
+
+async def _open_layered(transport: BlockDevice, path: str | None, open_file: FileOpener | None,
+                        *, partition: int | None, offset: int | None, sizelimit: int | None,
+                        ) -> BlockDevice:
+    """transport -> format (raw or qcow2 with its backing chain) -> window; all of it closed
+    on error."""
+    dev = transport
+    try:
+        dev = await open_format(transport, path_for_backing=path, open_file=open_file)
+        return await open_window(dev, partition=partition, offset=offset, sizelimit=sizelimit)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await dev.aclose()
+        raise
+
+
+async def _file_device(
+    fd: int, p: str, base: int, length: int, *, backend: Literal["auto", "uring", "threads"],
+    direct: bool | None, threads: int,
+) -> BlockDevice:
+    """The backend device for ``[base, base + length)`` of the open image ``fd`` (which it
+    then owns: closed here on error)."""
     dfd = -1
     try:
-        base, length = await trio.to_thread.run_sync(
-            lambda: resolve_window(fd, size, p, partition=partition, offset=offset,
-                                   sizelimit=sizelimit)
-        )
         use_direct = bool(direct)
         if direct and not _set_direct(fd):
             raise ImageError(f"{p}: O_DIRECT is not supported on this filesystem")
@@ -85,6 +142,7 @@ async def open_image(
             if dfd < 0:
                 log.debug("%s: O_DIRECT refused; every read goes through the host cache", p)
         dmin = DIRECT_MIN if dfd >= 0 else 0
+        fallback: str | None = None
         if backend in ("auto", "uring"):
             try:
                 return await UringDevice.create(fd, base=base, size=length, direct=use_direct,
@@ -92,10 +150,13 @@ async def open_image(
                                                 direct_min=dmin)
             except UringUnavailable as err:
                 if backend == "uring":
-                    raise ImageError(f"io_uring is unavailable: {err}") from None
-                log.debug("io_uring unavailable (%s); using %d threads", err, threads)
-        return ThreadDevice(fd, base=base, size=length, direct=use_direct, path=p,
-                            threads=threads, direct_fd=dfd, direct_min=dmin)
+                    raise ImageError(f"backend=uring: io_uring is unavailable: {err}") from None
+                fallback = f"io_uring is unavailable ({err})"
+                log.info("%s; serving through the threads backend", fallback)
+        dev = ThreadDevice(fd, base=base, size=length, direct=use_direct, path=p,
+                           threads=threads, direct_fd=dfd, direct_min=dmin)
+        dev.backend_note = fallback
+        return dev
     except BaseException:
         os.close(fd)
         if dfd >= 0:

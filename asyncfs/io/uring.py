@@ -7,6 +7,13 @@ readers. The ring fd itself is in trio's poll set (a system task waits on it wit
 ``trio.lowlevel.wait_readable``; it is readable while CQEs wait), so completions arriving while
 trio sleeps wake it. No eventfd, no extra syscall per completion.
 
+The ring is asyncfs's own binding (``asyncfs.io._uring``, a C extension built at install time
+against the system's liburing for the architecture's baseline). It holds an export of every
+buffer a read targets until that read's completion is reaped, so no buffer can be freed or
+resized under the kernel and no export outlives its read. Where it was not built, or the
+kernel refuses a ring (ENOSYS; EPERM from seccomp or ``kernel.io_uring_disabled``),
+``UringUnavailable`` says why and ``open_image`` falls back to the threads backend.
+
 ``submit_read`` starts a read that completes through a callback instead of a parked task (the
 page cache's misses use it, so a miss costs no task of its own). ``submit_read_after`` delays
 such a read in the kernel (an ``IORING_OP_TIMEOUT`` linked ahead of it): the injected latency of
@@ -26,7 +33,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import liburing as lu
 import outcome
 import trio
 
@@ -35,25 +41,48 @@ from asyncfs.io.buffers import Buffer
 from asyncfs.io.device import IntoCallback, ReadCallback
 from asyncfs.io.filedev import FileDeviceBase
 
+try:
+    import asyncfs.io._uring as _uring
+except ImportError as _err:  # built without a compiler or liburing's headers
+    _uring = None  # type: ignore[assignment]
+    _IMPORT_ERROR = str(_err)
+
 log = logging.getLogger(__name__)
 
 _RETRY = (-errno.EAGAIN, -errno.EINTR)
-# user_data of the timeouts linked ahead of delayed reads: no op has it (ids start at 1), so
-# their completions are dropped, and one cancel-all by this value stops every delay at close.
-_DELAY_TAG = 0
 _DRAIN_SECONDS = 10.0
 
 
 class UringUnavailable(Exception):
-    """The ring could not be set up (disabled by sysctl or seccomp, or no kernel support)."""
+    """The ring could not be set up (disabled by sysctl or seccomp, no kernel support, or the
+    binding was not built); the message says which, in one line."""
+
+
+def open_ring(depth: int) -> _uring.Ring:
+    """A new ``_uring.Ring`` of ``depth`` entries, or ``UringUnavailable`` saying why not."""
+    if _uring is None:
+        raise UringUnavailable(f"the io_uring binding was not built ({_IMPORT_ERROR})")
+    try:
+        return _uring.Ring(depth)
+    except OSError as err:
+        code = err.errno or 0
+        why = {
+            errno.ENOSYS: "the kernel has no io_uring",
+            errno.EPERM: "io_uring is forbidden here (kernel.io_uring_disabled or a seccomp "
+                         "filter)",
+            errno.EACCES: "io_uring is forbidden here (kernel.io_uring_disabled or a security "
+                          "module)",
+        }.get(code, "the kernel refused a ring")
+        raise UringUnavailable(
+            f"{why}: io_uring_setup failed with {errno.errorcode.get(code, code)}") from None
 
 
 class _Op:
     """One device read: the file span it covers and how much of it has arrived."""
 
     __slots__ = (
-        "buf", "callback", "delay", "done", "fd", "into", "iov", "length", "lo", "need",
-        "offset", "pos", "task", "views", "want",
+        "buf", "callback", "delay", "done", "fd", "into", "length", "lo", "need", "offset",
+        "pos", "task", "views", "want",
     )
 
     def __init__(
@@ -65,9 +94,8 @@ class _Op:
         self.callback: ReadCallback | None = None
         self.into: IntoCallback | None = None  # a read into the caller's ``views``
         self.views: list[memoryview] | None = None
-        self.delay: Any = None  # the linked timeout's timespec (kept alive until submitted)
+        self.delay = 0.0  # seconds its first submission was held back (a linked timeout)
         self.buf = buf
-        self.iov: Any = None
         self.pos = pos
         self.want = want
         self.lo = lo
@@ -114,16 +142,10 @@ class UringDevice(FileDeviceBase):
         super().__init__(fd, base=base, size=size, direct=direct, path=path,
                          direct_fd=direct_fd, direct_min=direct_min)
         self._depth = depth
-        self._ring = lu.Ring()
-        self._cqe = lu.Cqe()
-        try:
-            lu.io_uring_queue_init(depth, self._ring, 0)
-        except OSError as err:
-            raise UringUnavailable(f"io_uring_queue_init: {err}") from None
-        self._ring_fd = self._ring.ring_fd
+        self._ring = open_ring(depth)
+        self._ring_fd: int = self._ring.fd
         self._ops: dict[int, _Op] = {}
-        self._next_id = 1
-        self._unsubmitted = 0
+        self._next_id = 1  # 0 is the binding's tag for delays
         self._slots = trio.lowlevel.ParkingLot()
         self._reaper_scope = trio.CancelScope()
         self._reaper_done = trio.Event()
@@ -222,10 +244,9 @@ class UringDevice(FileDeviceBase):
         in ``_ops`` until its CQE; False when no SQE could be had."""
         op_id = self._next_id
         self._next_id = op_id + 1
+        op.delay = delay
         try:
-            if delay > 0:
-                self._prep_delay(op, delay)
-            self._prep(op_id, op)
+            self._prep(op_id, op, delay)
         except OSError:
             return False
         self._ops[op_id] = op
@@ -233,51 +254,30 @@ class UringDevice(FileDeviceBase):
             self._flush()
         return True
 
-    def _prep_delay(self, op: _Op, delay: float) -> None:
-        """The timeout SQE that holds back the read prepared right after it. Room for both is
-        made first: a taken SQE is submitted whatever follows it, and the read's must follow."""
-        ring = self._ring
-        if lu.io_uring_sq_space_left(ring) < 2:
-            self._flush()
-        sqe = lu.io_uring_get_sqe(ring)
-        if sqe is None:
-            raise OSError(errno.EBUSY, "submission queue full")
-        op.delay = lu.timespec(delay)
-        lu.io_uring_prep_timeout(sqe, op.delay, 0, lu.IORING_TIMEOUT_ETIME_SUCCESS)
-        lu.io_uring_sqe_set_flags(sqe, lu.IOSQE_IO_LINK)
-        lu.io_uring_sqe_set_data64(sqe, _DELAY_TAG)
-        self._unsubmitted += 1
-
-    def _prep(self, op_id: int, op: _Op) -> None:
+    def _prep(self, op_id: int, op: _Op, delay: float = 0.0) -> None:
+        """Prepare ``op``'s read (the rest of it, after a short read), held back ``delay``
+        seconds in the kernel (only ever its first submission: a retry is not delayed again);
+        ``OSError(EBUSY)`` when the submission queue stays full."""
         buf = op.buf
-        # Build the iovec before taking an SQE: a taken SQE is submitted at the next flush
-        # whatever it holds, so nothing may fail between get_sqe and prep.
+        target: Any
         if buf is None:
             assert op.views is not None
-            iov = lu.Iovec(op.views if op.done == 0 else _skip(op.views, op.done))
+            target = op.views if op.done == 0 else _skip(op.views, op.done)
         elif op.done == 0 and op.want == len(buf.mm):
-            if buf.iov is None:
-                buf.iov = lu.Iovec([buf.view])
-            iov = buf.iov
+            target = buf.view
         else:
-            iov = lu.Iovec([buf.view[op.done : op.want]])
-        sqe = lu.io_uring_get_sqe(self._ring)
-        if sqe is None:  # SQ full of prepared entries: push them and retry once
-            self._flush()
-            sqe = lu.io_uring_get_sqe(self._ring)
-            if sqe is None:
+            target = buf.view[op.done : op.want]
+        ring, at = self._ring, op.pos + op.done
+        if not ring.readv(op.fd, target, at, op_id, delay):
+            self._flush()  # SQ full of prepared entries: push them and retry once
+            if not ring.readv(op.fd, target, at, op_id, delay):
                 raise OSError(errno.EBUSY, "submission queue full")
-        op.iov = iov
-        lu.io_uring_prep_readv(sqe, op.fd, iov, op.pos + op.done)
-        lu.io_uring_sqe_set_data64(sqe, op_id)
-        self._unsubmitted += 1
 
     def _flush(self) -> None:
-        if self._unsubmitted:
-            self._unsubmitted = 0
+        if self._ring.prepared:
             if len(self._ops) > self.peak_in_flight:
                 self.peak_in_flight = len(self._ops)
-            lu.io_uring_submit(self._ring)
+            self._ring.submit()
 
     def _pump(self, reap: bool = True) -> int:
         """Submit what this scheduler pass prepared and (if ``reap``) hand ready completions to
@@ -313,18 +313,9 @@ class UringDevice(FileDeviceBase):
             self._reaper_done.set()
 
     def _reap(self) -> int:
-        ring, cqe = self._ring, self._cqe
-        done: list[tuple[int, int]] = []
-        for _ in lu.CqeIter(ring, cqe):
-            entry = cqe[0]
-            try:
-                res = entry.res or 0
-            except OSError as err:  # the wheel raises for negative results
-                res = -(err.errno or errno.EIO)
-            done.append((entry.user_data, res))
+        done: list[tuple[int, int]] = self._ring.reap()
         if not done:
             return 0
-        lu.io_uring_cq_advance(ring, len(done))
         for op_id, res in done:
             self._complete(op_id, res)
         if self._slots:
@@ -345,11 +336,11 @@ class UringDevice(FileDeviceBase):
         elif res == 0:
             if op.done < op.need:
                 error = "image ends early (truncated or removed?)"
-        elif res in _RETRY or (res == -errno.ECANCELED and op.delay is not None
+        elif res in _RETRY or (res == -errno.ECANCELED and op.delay > 0
                                 and not self._closed):
             # ECANCELED: a kernel without ETIME_SUCCESS broke the link when the delay expired;
             # the delay is over either way, so read now (once: the retry has no delay).
-            op.delay = None
+            op.delay = 0.0
             error = self._resubmit(op_id, op)
             if error is None:
                 return
@@ -357,7 +348,6 @@ class UringDevice(FileDeviceBase):
             error = f"{errno.errorcode.get(-res, str(-res))} ({os.strerror(-res)})"
         del self._ops[op_id]
         buf = op.buf
-        op.iov = None
         if buf is None:  # a read into the caller's views: the kernel is done with them
             into, op.into = op.into, None
             op.views = None
@@ -436,17 +426,13 @@ class UringDevice(FileDeviceBase):
     def _cancel_delays(self) -> None:
         """End every pending delay now: their reads complete with ECANCELED (an error, the
         device being closed) instead of holding the close up for their latency."""
-        if not any(op.delay is not None for op in self._ops.values()):
+        if not any(op.delay > 0 for op in self._ops.values()):
             return
         try:
-            if lu.io_uring_sq_space_left(self._ring) < 1:
+            if not self._ring.cancel_delays():
                 self._flush()
-            sqe = lu.io_uring_get_sqe(self._ring)
-            if sqe is None:
-                return
-            lu.io_uring_prep_cancel64(sqe, _DELAY_TAG, lu.IORING_ASYNC_CANCEL_ALL)
-            lu.io_uring_sqe_set_data64(sqe, _DELAY_TAG)
-            self._unsubmitted += 1
+                if not self._ring.cancel_delays():
+                    return
             self._flush()
         except OSError:  # the drain below still bounds the close
             log.debug("cancelling delayed reads failed", exc_info=True)
@@ -455,9 +441,11 @@ class UringDevice(FileDeviceBase):
         # RuntimeError outside trio: set-up failed before the loop ever watched the fd.
         with contextlib.suppress(RuntimeError):
             trio.lowlevel.notify_closing(self._ring_fd)
-        # io_uring_queue_exit waits for or cancels anything still in flight, after which no
-        # buffer is a target any more.
-        lu.io_uring_queue_exit(self._ring)
+        # The binding keeps the buffers of reads never reaped exported for good: the kernel
+        # may still finish them after the ring's fd is closed.
+        abandoned = self._ring.close()
+        if abandoned:
+            log.warning("%s: %d reads were still in the kernel at close", self.path, abandoned)
 
 
 def _call(callback: Callable[..., None], *args: object) -> None:

@@ -1,4 +1,5 @@
-"""Pure page state: flags, hashed wait table, wake rules, eviction, readahead policy.
+"""Pure page state: flags and their checked transitions (``transitions``), hashed wait table,
+wake rules, eviction, readahead policy.
 
 Nothing here imports trio, awaits or opens a file: the engine drives these objects from its one
 trio thread, and tests drive them step by step. Kernel names are kept where they fit

@@ -24,7 +24,8 @@ is forgotten whole, oldest first), so remembering a 2 GiB stream costs ~1 MiB, n
 one dict entry per index.
 
 Pages that are LOCKED (I/O in flight) or pinned (``refcount``, a read step copying from them)
-are never reclaimed; so the cache may exceed its limit by those pages only (§4.14).
+are never reclaimed; so the cache may exceed its limit by those pages only (invariant 14,
+docs/invariants.md).
 Lists are ``OrderedDict``s: O(1) append, remove and pop-oldest (a plain dict's
 ``next(iter(d))`` degrades to a scan over deleted slots when used as a FIFO).
 """

@@ -4,7 +4,7 @@ The cache is keyed by *device page index* (``dev_off // PAGE_SIZE``) of the file
 so metadata and file data share one cache and hard links share pages. ``PAGE_SIZE`` is a module
 constant so the choice can be revisited (see docs/architecture.md).
 
-Flags are kept as a plain ``int`` on the hot path (``IntFlag`` arithmetic costs ~10x more in
+Flags are kept as a plain ``int`` on the hot path (``IntFlag`` arithmetic is much slower in
 CPython); ``PageFlags`` is the readable view of the same bits.
 """
 
@@ -45,7 +45,9 @@ LRU_ACTIVE = 2
 
 class PageStateError(RuntimeError):
     """A page-state rule was broken by the caller (a bug, never a user error): e.g.
-    unlocking an unlocked page, or completing I/O on a page that is not locked."""
+    unlocking an unlocked page (``WaitTable.unlock_page``), or ending the read of a page that
+    is not locked (``transitions.end_page_read``; every checked transition is in
+    ``pagecache/transitions.py``)."""
 
 
 class Page:

@@ -101,7 +101,7 @@ class FileReadahead:
             self.size = get_next_ra_size(self.size, max_pages)
             self.async_size = self.size
         elif hit_marker:
-            # Marker of a window this state did not issue (interleaved streams): restart the
+            # Marker of a window this state did not start (interleaved streams): restart the
             # pipeline right after the hit, as large as it has grown.
             self.start = index + 1
             self.size = get_next_ra_size(max(req_pages, 1), max_pages)

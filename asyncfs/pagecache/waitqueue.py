@@ -11,7 +11,8 @@ the wake and schedule its owner (trio: ``reschedule``; threads: ``Event.set``); 
 the wait table.
 
 All of this is pure and synchronous: one call is atomic with respect to the trio loop, which is
-what makes "add entry, set WAITERS, final trylock" free of lost wakeups (DESIGN.md §4.2).
+what makes "add entry, set WAITERS, final trylock" free of lost wakeups (invariant 2,
+docs/invariants.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _MASK64 = (1 << 64) - 1
 class WaitEntry:
     """``struct wait_page_queue``: a key ``(page, bit)``, an exclusive flag and a callback.
 
-    State, for the exactly-once rules (§4.7):
+    State, for the exactly-once rules (invariant 7):
     ``queued``: linked into a head now. ``woken``: dequeued by a wake (never by cancel);
     ``handed``: the waker set the lock bit on this entry's behalf (WQ_FLAG_DONE), the owner
     of the entry owns the page lock; ``handoff``: ask for hand-off (WQ_FLAG_CUSTOM), set when the
@@ -159,7 +160,7 @@ class WaitTable:
         for head in self._heads:
             yield from head
 
-    # -- lock / wait (the seed's __wait_on_page_locked_async) ---------------------------
+    # -- lock / wait (``__wait_on_page_locked_async`` of the async page lock patch) -----
     def _wait_on_page_locked_async(self, page: Page, entry: WaitEntry, set_: bool) -> bool:
         """Queue ``entry`` at the tail, set WAITERS, then the final test: if it succeeds the
         entry is taken off again (its callback will never run) and True is returned."""
@@ -275,9 +276,9 @@ class WaitTable:
 
     # -- checks used by tests and the soak ----------------------------------------------
     def check_invariants(self) -> None:
-        """Raise PageStateError if a queued entry breaks §4.2-4.4: every queued entry sits in
-        its page's head with WAITERS set, and none waits for LOCKED on an unlocked page unless
-        an exclusive wake for that page is still being acted on."""
+        """Raise PageStateError if a queued entry breaks invariant 2 or 3: every queued entry
+        sits in its page's head with WAITERS set, and none waits for LOCKED on an unlocked
+        page unless an exclusive wake for that page is still being acted on."""
         pending = {id(e.page) for e in self._pending}
         for idx, head in enumerate(self._heads):
             n = 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.imagegen import make_image, make_tree
+from asyncfs.testing.imagegen import make_image, make_tree
 from tests.mount.helpers import mounted, require_fuse
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from asyncfs.cli.control import fetch_stats, request
+from asyncfs.testing.treewalk import host_tree
 
 
 def fuse_missing_reason() -> str | None:
@@ -120,10 +121,6 @@ def mounted(img: Path, mnt: Path, *options: str) -> Iterator[Path]:
 
 def regular_files(tree: Path) -> list[Path]:
     """Regular files under ``tree`` (lstat: symlinks are not followed), largest first."""
-    out = []
-    for dirpath, _, files in os.walk(tree):
-        for f in files:
-            p = Path(dirpath) / f
-            if stat.S_ISREG(p.lstat().st_mode):
-                out.append(p)
+    out = [Path(os.fsdecode(path)) for _, path, st in host_tree(tree, skip_unreadable=True)
+           if stat.S_ISREG(st.st_mode)]
     return sorted(out, key=lambda p: (-p.lstat().st_size, str(p)))

@@ -51,8 +51,8 @@ def test_image_is_a_directory(tmp_path: Path, mnt: Path) -> None:
 def test_image_is_a_fifo(cmd: str, tmp_path: Path, mnt: Path) -> None:
     """A FIFO (or any non-file) as the image is refused at once, not waited on.
 
-    Broken variant: ``open_readonly`` without O_NONBLOCK blocks in open() until a writer
-    comes: the command times out."""
+    Guards ``open_readonly``'s O_NONBLOCK: without it open() blocks until a writer comes
+    and the command times out."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     args = [cmd, str(fifo)] + ([str(mnt)] if cmd == "mount" else [])
@@ -140,7 +140,7 @@ def test_dangling_symlink_image(tmp_path: Path, mnt: Path) -> None:
 
 
 def test_newline_in_a_path_stays_one_line(tmp_path: Path, mnt: Path) -> None:
-    """Broken variant: printing the message raw -> the path's newline splits it in two."""
+    """A newline in the path is escaped: the message printed raw would split in two."""
     odd = tmp_path / "new\nline"
     odd.mkdir()
     _one_line_error(run_asyncfs("mount", str(odd / "x.img"), str(mnt)), "does not exist",

@@ -50,10 +50,10 @@ def test_small_file_is_in_the_page_cache_after_open(ext4_image: Path, small_tree
     """Opening (not reading) a small file leaves all its pages resident; read(2) and a
     mapping then see exactly the source bytes, and zeros after EOF in the last page.
 
-    Broken variants: no store at open (notify_store not called: no page is resident until
-    a read);
-    a store padded to the page end (the kernel would grow the file: st_size and the bytes
-    read differ from the source)."""
+    The kernel's side of the store: without it no page would be resident until a read, and
+    a store padded to the page end would grow the file (st_size and the bytes read would
+    differ from the source). The store's rules are built broken in
+    tests/unit/test_fuse_ops.py."""
     files = _small_files(small_tree)[:12]
     assert files, "the corpus has small files"
     with mounted(ext4_image, tmp_path / "mnt") as mnt:

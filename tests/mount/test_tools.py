@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.imagegen import compare_trees, kernel_mount
+from asyncfs.testing.imagegen import compare_trees
+from tests.imagegen import kernel_mount
 from tests.mount.helpers import mounted
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.robust.fuzzlib import ImageStore
+from bench.fuzzing.images import ImageStore
 
 
 @pytest.fixture(scope="session")

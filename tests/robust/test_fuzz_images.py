@@ -1,7 +1,7 @@
 """A bounded fuzz campaign over real small images (CI), plus a few damaged images mounted for
 real.
 
-In-process cases (tests/robust/fuzzlib.py), per preset: every hand-made forgery (extent
+In-process cases (bench/fuzzing/), per preset: every hand-made forgery (extent
 loops, overlaps, out-of-range extents, htree loops, directory cycles, huge sizes and counts)
 and nine truncations; then forged fields and random bytes taken structure by structure in turn
 (superblock, group descriptors, inode table entries, extent and indirect blocks, directory and
@@ -26,15 +26,11 @@ import trio
 
 from asyncfs.errors import AsyncfsError
 from asyncfs.io import open_image
+from bench.fuzzing.cases import Case, Patch, generate_cases
+from bench.fuzzing.damage import build_damaged
+from bench.fuzzing.images import ImageStore
+from bench.fuzzing.oracle import run_case
 from tests.mount.helpers import daemon_pid, mounted, run_asyncfs, stats
-from tests.robust.fuzzlib import (
-    Case,
-    ImageStore,
-    Patch,
-    build_damaged,
-    generate_cases,
-    run_case,
-)
 
 CI_PRESETS = ("ext4", "ext4-1k", "ext2-1k", "inline_data", "ext4-old")
 CI_SEED = 7
@@ -82,12 +78,13 @@ def test_fuzz_campaign(preset: str, store: ImageStore, tmp_path: Path) -> None:
     no crash, hang, event-loop stall, memory growth, wrong bytes, damage leaking into
     undamaged inodes, or log flood.
 
-    Broken variants (each seen caught): ``parse_extent_node`` and ``Volume.extent_block``
+    Faults the campaign was seen to catch: ``parse_extent_node`` and ``Volume.extent_block``
     without their depth checks (the extent self-loop spins: "hang"); ``parse_extent_node``
     raising ValueError for a bad magic ("crash"); ``ExtentFileMap.map`` one block off
     (undamaged files differ: "clean"); ``parse_xattr_block`` buffering the claimed value
     size before checking it (300 MiB for a forged e_value_size: "memory");
-    ``Volume.readdir`` visiting every hole block of a directory whose size is forged
+    ``Directories.readdir`` (asyncfs/engine/dirops.py) visiting every hole block of a
+    directory whose size is forged
     ("stall", the bug this campaign found)."""
     cases = ci_cases(store, preset)
     verdicts: Counter[str] = Counter()
@@ -185,8 +182,8 @@ def test_listing_survives_one_damaged_inode(store: ImageStore, fuzz_tree: Path,
     """One inode fails its checksum: ``ls`` of its directory still lists every name, ``stat``
     of that one name fails with EIO, its neighbours read back exactly.
 
-    Broken variant: fuse/ops.py readdir letting the child's getattr error fail the whole
-    listing (no `_unreadable_entry`) -> listdir raises EIO (seen before the fix)."""
+    Guards fuse/ops.py readdir's `_unreadable_entry`: without it the child's getattr error
+    failed the whole listing (listdir raised EIO before the fix)."""
     pristine = store.image("ext4")
     img = tmp_path / "damaged.img"
     case = Case("ext4", "inode", "i_flags bit", (Patch("inode:/files/big", 0x20, b"\x01"),))
@@ -221,8 +218,8 @@ def test_partition_table_fuzz(tmp_path: Path) -> None:
     """Forged MBR, EBR (logical chain) and GPT header/entry fields and truncations: opening any
     partition answers with a one-line error or a device, never an exception or a hang.
 
-    Broken variant: ``_parse_logical`` without its loop check and ``_MBR_MAX_LOGICAL`` bound:
-    the EBR that links to itself spins forever (seen: the test never finishes)."""
+    Guards ``_parse_logical``'s loop check and ``_MBR_MAX_LOGICAL`` bound: without them the
+    EBR that links to itself spins forever (the test never finishes)."""
     rng = random.Random(CI_SEED)
     pristine: dict[str, bytes] = {}
     for kind, script in (("mbr", "label: dos\n,2M,83\n,2M,83\n,,5\n,1M,83\n,1M,83\n,,83\n"),

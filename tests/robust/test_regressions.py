@@ -13,7 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.robust.fuzzlib import Case, ImageStore, load_corpus, run_case
+from bench.fuzzing.cases import Case
+from bench.fuzzing.corpus import load_corpus
+from bench.fuzzing.images import ImageStore
+from bench.fuzzing.oracle import run_case
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -40,8 +43,8 @@ def test_corpus_is_compact() -> None:
 def test_regression(entry: dict[str, Any], store: ImageStore, tmp_path: Path) -> None:
     """The case is refused with one line or served with every oracle satisfied.
 
-    Broken variant: each corpus file records the bug it once showed ("found"); the strict
-    xfail marks of open ones prove the oracles still catch it."""
+    Each corpus file records the bug it once showed ("found"); the strict xfail marks of
+    open ones prove the oracles still catch it."""
     case = Case.from_json(entry["case"])
     out = run_case(store, case, tmp_path, op_timeout=10, case_timeout=60)
     assert not out.failed, f"{case.name}: {out.verdict}: {out.detail}"

@@ -19,9 +19,10 @@ SOAK_MINUTES = float(os.environ.get("ASYNCFS_SOAK_MINUTES", "0.4"))
 
 
 def test_soak_short(tmp_path: Path) -> None:
-    """Broken variant: a page cache whose failed pages are marked UPTODATE with zeros (EIO
-    turned into silent zeros) shows up as wrong bytes here; one that never reclaims shows up
-    as cache_bytes > cache_limit_bytes."""
+    """Bytes exact and the cache within its limit under a mixed load: a page cache that
+    marked failed pages UPTODATE with zeros (EIO turned into silent zeros) would show up as
+    wrong bytes here, one that never reclaimed as cache_bytes > cache_limit_bytes (the
+    unit-level variants: tests/unit/test_engine_invariants.py)."""
     require_fuse()
     if shutil.which("fio") is None:
         pytest.fail("fio is not installed (mount.sh installs it)")
@@ -54,8 +55,8 @@ async def test_readahead_window_clamped_to_a_quarter_of_the_cache(fuzz_ext4: Pat
     the 8 MiB default window, each window's pages were locked beyond the limit while in
     flight and reclaimed before use (the soak's RSS grew by 14 MiB in 25 s).
 
-    Broken variant: ``PageCache`` taking ``readahead_max`` as is (the first 128 KiB read of a
-    260 KiB file reads ahead the rest of it, 33 pages, into a 64-page cache)."""
+    Guards the cap on ``readahead_max``: taken as is, the first 128 KiB read of a 260 KiB
+    file reads ahead the rest of it, 33 pages, into a 64-page cache."""
     opts = MountOptions(cache_size=256 * 1024, readahead=8 << 20)
     async with open_stack(fuzz_ext4, opts) as stack:
         vol = stack.volume

@@ -109,9 +109,9 @@ def test_unmount_with_32_readers_parked_on_stalled_device(how: str, fuzz_ext4: P
     """32 readers parked on a device that never answers; unmount: the daemon exits 0 within
     a few seconds, the mount point is free, and every reader returns (with an error).
 
-    Broken variant: a daemon that waits for in-flight requests without a deadline (the
-    stall is never released, so it never exits and the 6 s wait fails); for the lazy forms,
-    a daemon without `_watch_detach` (seen: never exits)."""
+    Guards the deadline on in-flight requests at exit (without it the stall is never
+    released, the daemon never exits and the 6 s wait fails) and, for the lazy forms,
+    `_watch_detach` (without it the daemon never exits)."""
     mnt = tmp_path / "mnt"
     with foreground_mount(fuzz_ext4, mnt, "faults", "direct_io", "readahead=0") as proc:
         readers = ParkedReaders(mnt / "files" / "big", 32)
@@ -144,8 +144,9 @@ def test_sigkilled_parked_readers_leave_mount_serving(fuzz_ext4: Path, fuzz_tree
     cached pages meanwhile; after the device is released the killed readers are gone, every
     file reads back exactly and parked_now returns to 0.
 
-    Broken variant: ``Waiter.park`` whose abort function leaves the entry queued (a killed
-    reader's wait entry is never dequeued): parked_now stays above 0."""
+    A killed reader's wait entry must be dequeued, or parked_now stays above 0; the
+    unit-level variant (a cancelled waiter left queued) is built in
+    tests/unit/test_engine_invariants.py."""
     mnt = tmp_path / "mnt"
     with foreground_mount(fuzz_ext4, mnt, "faults", "direct_io", "readahead=0") as proc:
         target = mnt / "files" / "big"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from asyncfs.cli import mountpoint, options
 from asyncfs.cli.options import default_cache_size, parse_options, parse_size
 from asyncfs.errors import MountPointError, UsageError
-from tests.unit.fakes import mutant
+from tests.mutants import mutant
 
 
 def test_sizes() -> None:
@@ -136,7 +137,7 @@ async def test_mount_stack_starts_small_and_prints_the_ceiling(
 
     Broken variant: ``ceiling_not_wired`` (wiring passes only the start: no room to grow)."""
     from asyncfs.cli import control, main, wiring
-    from tests.imagegen import make_image
+    from asyncfs.testing.imagegen import make_image
 
     if variant != "kernel":
         monkeypatch.setattr(
@@ -163,19 +164,152 @@ async def test_mount_stack_starts_small_and_prints_the_ceiling(
     assert "/ 256.0 MiB (grows to 1024.0 on refaults; 0 pages grown)" in line
 
 
+@pytest.mark.parametrize("variant", ["kernel", "enotconn_only"])
 @pytest.mark.parametrize("code", [errno.ENOTCONN, errno.ECONNABORTED])
-def test_dead_fuse_connection_is_a_stale_mount(code: int, tmp_path: Path,
+def test_dead_fuse_connection_is_a_stale_mount(code: int, tmp_path: Path, variant: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A FUSE mount whose daemon died answers ENOTCONN, or ECONNABORTED while the kernel is
     still tearing the connection down (seen in CI right after a SIGKILL): both are explained
     as a stale mount with the command that clears it, not as a busy mount point. (The mount
     test kills a real daemon; which errno it meets is the kernel's timing, so both are pinned
     here.) Broken variant: checking ENOTCONN only (ECONNABORTED reads "is busy")."""
+    if variant != "kernel":
+        monkeypatch.setattr(mountpoint, "_DEAD_CONNECTION", (errno.ENOTCONN,))
     monkeypatch.setattr(mountpoint, "mount_entry", lambda path: ("fuse.asyncfs", "img"))
 
     def dead(path: str) -> None:
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(mountpoint.os, "statvfs", dead)
-    with pytest.raises(MountPointError, match=r"stale FUSE mount.*fusermount3 -u"):
+    with pytest.raises(MountPointError) as ei:
         mountpoint.check_mountpoint(str(tmp_path))
+    stale = re.search(r"stale FUSE mount.*fusermount3 -u", str(ei.value)) is not None
+    assert stale == (variant == "kernel" or code == errno.ENOTCONN), str(ei.value)
+
+
+# --- mount(8)'s helper and unprivileged mounts ----------------------------------------------
+
+
+@pytest.mark.parametrize(("item", "mount8_only"), [
+    ("nofail", True), ("_netdev", True), ("auto", True), ("noauto", True), ("user", True),
+    ("user=alice", True), ("users", True), ("nouser", True), ("owner", True), ("group", True),
+    ("defaults", True), ("x-systemd.automount", True), ("x-systemd.idle-timeout=60", True),
+    ("X-mount.mkdir", True), ("comment=systemd.automount", True),
+    ("ro", False), ("rw", False), ("partition=2", False), ("nofail=1", False),
+    ("users=2", False), ("comment", False), ("allow_other", False), ("bogus", False),
+])
+def test_options_that_concern_mount8_only(item: str, mount8_only: bool) -> None:
+    assert options.concerns_mount8_only(item) is mount8_only
+
+
+def test_unknown_option_is_its_own_error() -> None:
+    """``-s`` (sloppy) drops unknown options only: a bad value of a known one stays an error."""
+    with pytest.raises(options.UnknownOptionError):
+        parse_options(["ro,bogus"])
+    assert not options.is_known_option("bogus")
+    assert not options.is_known_option("bogus=1")
+    assert options.is_known_option("cache_size=12Q")  # known, its value is bad
+    assert options.is_known_option("rw")  # known, and refused
+    assert options.is_known_option("allow_other")
+
+
+def test_helper_call_as_mount8_makes_it() -> None:
+    from asyncfs.cli.mounthelper import parse_call
+
+    c = parse_call(["/img/disk.img", "/mnt/x", "-s", "-n", "-v", "-o",
+                    "ro,partition=2,nofail", "-t", "fuse.asyncfs", "-N", "/proc/1/fd/3"])
+    assert (c.source, c.target) == ("/img/disk.img", "/mnt/x")
+    assert (c.sloppy, c.fake, c.verbose) == (True, False, True)
+    assert c.options == ["ro,partition=2,nofail"]
+    assert (c.fstype, c.namespace) == ("fuse.asyncfs", "/proc/1/fd/3")
+    c = parse_call(["-f", "-o", "ro", "a.img", "-o", "cache_size=64M", "m"])
+    assert (c.source, c.target, c.fake, c.options) == ("a.img", "m", True,
+                                                       ["ro", "cache_size=64M"])
+    for bad in (["only-one"], ["a", "b", "c"], ["a", "b", "-q"], ["a", "b", "-o"]):
+        with pytest.raises(UsageError):
+            parse_call(bad)
+
+
+def test_helper_keeps_asyncfs_options_only() -> None:
+    from asyncfs.cli.mounthelper import asyncfs_options
+
+    got = asyncfs_options(["ro,noexec,nosuid,nodev,user=alice,partition=2,nofail,_netdev",
+                           "x-systemd.automount,comment=x,cache_size=32M,defaults"])
+    assert got == ["ro", "noexec", "nosuid", "nodev", "partition=2", "cache_size=32M"]
+    assert parse_options([",".join(got)]).partition == 2
+    assert asyncfs_options(["ro,bogus,readahead=1M"], sloppy=True) == ["ro", "readahead=1M"]
+    assert asyncfs_options(["ro,bogus"]) == ["ro", "bogus"]  # asyncfs's parser says no
+    with pytest.raises(UsageError, match="add ro"):  # what mount(8) passes without ro
+        asyncfs_options(["rw,nofail"])
+
+
+def test_helper_refuses_other_types() -> None:
+    from asyncfs.cli.mounthelper import HelperCall, run
+
+    with pytest.raises(UsageError, match=r"not fuse\.sshfs"):
+        run(HelperCall("a.img", "/m", ["ro"], fstype="fuse.sshfs"))
+
+
+@pytest.mark.parametrize(("text", "allowed"), [
+    ("user_allow_other\n", True),
+    ("  user_allow_other\t # shared mounts\n", True),
+    ("# comment\nmount_max = 1000\nuser_allow_other\n", True),
+    ("#user_allow_other\n", False),
+    ("# user_allow_other\n", False),
+    ("user_allow_other_please\n", False),
+    ("user_allow_other = 1\n", False),
+    ("", False),
+    # fusermount3 reads a line only once it has seen its newline
+    ("mount_max = 10\nuser_allow_other", False),
+])
+def test_fuse_conf_read_as_fusermount3_reads_it(tmp_path: Path, text: str,
+                                                allowed: bool) -> None:
+    conf = tmp_path / "fuse.conf"
+    conf.write_text(text)
+    assert mountpoint.fuse_conf_allows_other(str(conf)) is allowed
+
+
+def test_fuse_conf_missing_or_unreadable(tmp_path: Path) -> None:
+    assert mountpoint.fuse_conf_allows_other(str(tmp_path / "missing")) is False
+    assert mountpoint.fuse_conf_allows_other(str(tmp_path)) is None  # a directory: unreadable
+
+
+SAMPLE_VALUES = {"N": "2", "BYTES": "4096", "SIZE": "1M", "USEC": "10", "MS|LO-HI": "5",
+                 "async|threads": "threads", "auto|uring|threads": "threads", "PATH": "/x",
+                 "NAME:VALUE": "X-A: b", "URL": "http://127.0.0.1:1", "DIR": "/tmp/c",
+                 "TEXT": "t"}
+
+
+@pytest.mark.parametrize("variant", ["kernel", "unlisted"])
+def test_mount_help_lists_every_option_the_parser_takes(variant: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`asyncfs mount --help` lists every ``-o`` option, one line each, from the same table
+    that parses them; each listed option parses with a value of the kind the help names, and
+    the docs' option table names each one.
+
+    Broken variant: an option the parser takes that the help does not list (the table and the
+    help kept apart, as before)."""
+    import contextlib
+    import io
+
+    from asyncfs.cli import main as cli_main
+    from asyncfs.cli import options as opt_mod
+
+    table = opt_mod.OPTIONS
+    if variant != "kernel":
+        monkeypatch.setattr(opt_mod, "OPTIONS", table[:-1])  # the help loses one option
+        monkeypatch.setattr(cli_main, "options_help", opt_mod.options_help)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main.build_parser().parse_args(["mount", "--help"])
+    listed = {line.split()[0].split("=")[0] for line in out.getvalue().splitlines()
+              if line.startswith("  ") and not line.startswith("   ")}
+    parsed_names = set(opt_mod._BY_NAME)
+    assert (listed >= parsed_names) == (variant == "kernel"), parsed_names - listed
+    usage = (Path(__file__).resolve().parents[2] / "docs" / "usage.md").read_text()
+    for o in table:
+        if o.name == "rw":
+            continue
+        item = o.name if o.value is None else f"{o.name}={SAMPLE_VALUES[o.value]}"
+        opt_mod._apply(opt_mod.MountOptions(), item)
+        assert f"`{o.name}" in usage, f"docs/usage.md does not describe -o {o.name}"

@@ -20,10 +20,12 @@ import trio.testing
 from asyncfs.engine import arena as arena_mod
 from asyncfs.engine.arena import FRAME_SIZE, PageArena
 from asyncfs.engine.cache import PageCache
+from asyncfs.engine.pageio import PageIO
 from asyncfs.errors import DeviceIOError
 from asyncfs.io.device import IntoCallback
 from asyncfs.pagecache import PAGE_SIZE, PG_ERROR, PG_LOCKED, PG_UPTODATE
-from tests.unit.fakes import MemoryDevice, breaks, pattern
+from asyncfs.testing import MemoryDevice, pattern
+from tests.mutants import breaks
 
 DATA = pattern(1 << 20)
 VARIANTS = ["kernel", "broken"]
@@ -225,8 +227,9 @@ async def test_frame_freed_within_a_step_is_not_reused_in_it(
     completes both in one step, the first page's frame is freed by reclaim while the step
     still holds a view of it, and the second page must not be read into that frame.
 
-    Broken variant: ``PageArena.free`` appending straight to ``_free`` (immediate reuse within
-    a step): the second page's bytes overwrite the first's view, wrong bytes come back."""
+    Broken variant: ``PageArena.free`` making the frame reusable at once (immediate reuse
+    within a step): the second page's bytes overwrite the first's view, wrong bytes come
+    back."""
     broken_free(variant, monkeypatch)
     dev = MemoryDevice(DATA, host_cached=True)
     c = PageCache(dev, cache_bytes=PAGE_SIZE, readahead_max=0)
@@ -296,10 +299,10 @@ async def test_frames_of_a_read_failed_in_flight_are_never_reused(
     page changes. One page: the reader gets EIO, the page keeps no frame, and a later read
     gets new frames and the right bytes. Two pages: the page-by-page retry fills new frames.
 
-    Broken variant: ``_into_done`` without the ``_drop_frames`` call (the pages keep the
+    Broken variant: ``PageIO._into_done`` without the ``drop_frames`` call (the pages keep the
     frames; the late write of the failed read lands in cached pages)."""
-    breaks(variant, monkeypatch, PageCache, "_into_done",
-           "        self._drop_frames(pages)\n", "        pass\n")
+    breaks(variant, monkeypatch, PageIO, "_into_done",
+           "self.drop_frames(pages)\n", "pass\n")
     dev = IntoDevice(DATA)
     c = PageCache(dev, cache_bytes=64 * PAGE_SIZE, readahead_max=0)
     off, length = 3 * PAGE_SIZE, npages * PAGE_SIZE
@@ -376,24 +379,25 @@ def test_no_memory_for_frames_is_eio_not_a_hang(
     failure is synchronous. Broken variants: the arena's failure not caught (the MemoryError
     escapes the read, or kills the I/O task and with it the whole run: hence a trio.run of
     its own); ``_lock_and_retry`` not reporting a retry that failed at once
-    (the reader retries forever without a checkpoint: a watchdog on ``_submit`` stops it)."""
+    (the reader retries forever without a checkpoint: a watchdog on
+    ``PageIO.read_pages`` stops it)."""
     if variant == "broken":
-        breaks(variant, monkeypatch, PageCache, "_frames",
+        breaks(variant, monkeypatch, PageIO, "frames",
                "except (OSError, MemoryError) as exc:", "except ZeroDivisionError as exc:")
     elif variant == "broken-retry":
         breaks(variant, monkeypatch, PageCache, "_lock_and_retry",
                "raise DeviceIOError(", "str(")
     submits = 0
-    real_submit = PageCache._submit
+    real_submit = PageIO.read_pages
 
-    def watchdog(self: PageCache, pages: list[Any]) -> None:
+    def watchdog(self: PageIO, pages: list[Any]) -> None:
         nonlocal submits
         submits += 1
         if submits > 100:
             raise RuntimeError("the same read was retried 100 times")
         real_submit(self, pages)
 
-    monkeypatch.setattr(PageCache, "_submit", watchdog)
+    monkeypatch.setattr(PageIO, "read_pages", watchdog)
     arena = ExhaustedArena(chunk_frames=16, ahead=False)
     c = PageCache(MemoryDevice(DATA, host_cached=host_cached), readahead_max=0, arena=arena)
     outcome: list[str] = []

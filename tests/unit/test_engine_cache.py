@@ -11,15 +11,9 @@ from asyncfs.engine.cache import PageCache
 from asyncfs.errors import DeviceIOError, WouldBlockError
 from asyncfs.pagecache import PAGE_SIZE, PG_LOCKED, PG_UPTODATE, PageLRU
 from asyncfs.pagecache.lru import SHADOW_SHIFT
+from asyncfs.testing import GatedDevice, ListFileMap, MemoryDevice, contiguous_file, pattern
 from asyncfs.types import Run
-from tests.unit.fakes import (
-    GatedDevice,
-    ListFileMap,
-    MemoryDevice,
-    contiguous_file,
-    mutant,
-    pattern,
-)
+from tests.mutants import mutant
 from tests.unit.test_pagecache_lru import GROW_ON_EVERY_INSERT
 
 DATA = pattern(256 * PAGE_SIZE)
@@ -349,15 +343,15 @@ async def test_refault_around_reads_the_evicted_group_back_in_one_read(
     other pages to make room and reads GROUP times what is asked); ``page_by_page`` (each
     brought-back page submitted as its own read)."""
     if variant == "headroom_ignored":
-        monkeypatch.setattr(PageCache, "_populate", mutant(
-            PageCache, "_populate", "if refaulted and self._lru.headroom:", "if refaulted:"))
+        monkeypatch.setattr(PageCache, "filemap_create_pages", mutant(
+            PageCache, "filemap_create_pages", "if refaulted and self._lru.headroom:",
+            "if refaulted:"))
         monkeypatch.setattr(PageCache, "_refault_around", mutant(
             PageCache, "_refault_around", "if budget <= 0 or j > last_dev:",
             "if j > last_dev:"))
     elif variant == "page_by_page":
         monkeypatch.setattr(PageCache, "_refault_around", mutant(
-            PageCache, "_refault_around", "if batch and j != batch[-1].index + 1:",
-            "if batch:"))
+            PageCache, "_refault_around", "batch.add(p)", "batch.add(p); batch.flush()"))
     dev = MemoryDevice(DATA)
     c = PageCache(dev, cache_bytes=64 * PAGE_SIZE, cache_max_bytes=192 * PAGE_SIZE,
                   readahead_max=0)

@@ -13,9 +13,12 @@ import trio.testing
 
 from asyncfs.engine.arena import FOLIO_PAGES
 from asyncfs.engine.cache import PageCache
+from asyncfs.engine.pageio import PageIO
+from asyncfs.engine.readahead import WindowReader
 from asyncfs.errors import DeviceIOError
 from asyncfs.pagecache import PAGE_SIZE
-from tests.unit.fakes import MemoryDevice, breaks, contiguous_file, pattern
+from asyncfs.testing import MemoryDevice, contiguous_file, pattern
+from tests.mutants import breaks
 
 FOLIO = FOLIO_PAGES * PAGE_SIZE  # bytes
 DATA = pattern(32 * FOLIO)
@@ -43,10 +46,10 @@ async def test_stream_caches_folios_and_every_read_is_exact(
     per 4 KiB); ``folio_base`` (a read that starts inside a folio slices its frame from the
     page it starts in, not from the folio's first page)."""
     if variant == "no_folios":
-        breaks(variant, monkeypatch, PageCache, "_submit_window",
-               "if (fnr > 1 and", "if (fnr < 1 and")
+        breaks(variant, monkeypatch, WindowReader, "_folio_block",
+               "if (nr > 1 and", "if (nr < 1 and")
     elif variant == "folio_base":
-        breaks(variant, monkeypatch, PageCache, "_copy_prefix",
+        breaks(variant, monkeypatch, PageCache, "_copy_uptodate",
                "base = p.index << PAGE_SHIFT", "base = idx << PAGE_SHIFT")
     c = PageCache(MemoryDevice(DATA), cache_bytes=len(DATA), readahead_max=8 * FOLIO)
     streamed = await _stream(c, len(DATA))
@@ -106,11 +109,11 @@ async def test_failed_folio_read_fails_only_its_bad_page(
     page of that same folio gets its bytes; the stream's request and later reads of the bad
     page get EIO; every other page of the folio reads back exactly.
 
-    Broken variant: ``_retry_folio`` completing the folio with ERROR after its re-read fails
+    Broken variant: ``PageIO._retry_folio`` completing the folio with ERROR after its re-read fails
     (no split): the parked reader of the good page gets EIO."""
     if variant == "broken":
-        breaks(variant, monkeypatch, PageCache, "_retry_folio",
-               "if not eio or self._closed:", "if True:")
+        breaks(variant, monkeypatch, PageIO, "_retry_folio",
+               "if not eio or self.closed:", "if True:")
     bad = FOLIO_PAGES + 4  # inside the second folio of the first window
     good = FOLIO_PAGES + 8
     c = PageCache(BadPageDevice(DATA, bad, delay=0.01), cache_bytes=len(DATA),

@@ -1,7 +1,7 @@
-"""DESIGN.md §4 invariants at the engine level (trio glue and read path).
+"""The invariants of docs/invariants.md at the engine level (trio glue and read path).
 
 Each test runs against the real engine and against a deliberately broken variant named in its
-docstring (built with ``fakes.mutant`` from the real source, so the variant differs by exactly
+docstring (built with ``mutants.mutant`` from the real source, so the variant differs by exactly
 the rule under test); the same check must pass on the first and catch the second.
 Invariants 1, 3, 4, 5 and the pure side of 6, 7 and 13 are in test_pagecache_*.py.
 """
@@ -16,8 +16,12 @@ import pytest
 import trio
 import trio.testing
 
+from asyncfs.engine import cache as cache_mod
+from asyncfs.engine import pageio as pageio_mod
 from asyncfs.engine import waiting
 from asyncfs.engine.cache import PageCache
+from asyncfs.engine.pageio import PageIO
+from asyncfs.engine.readahead import WindowReader
 from asyncfs.engine.waiting import Waiter
 from asyncfs.errors import DeviceIOError, WouldBlockError
 from asyncfs.pagecache import (
@@ -28,16 +32,16 @@ from asyncfs.pagecache import (
     PG_UPTODATE,
 )
 from asyncfs.pagecache import waitqueue as waitqueue_mod
-from asyncfs.types import Run
-from tests.unit.fakes import (
+from asyncfs.testing import (
     GatedDevice,
     ListFileMap,
     MemoryDevice,
     SlowBlockingDevice,
-    breaks,
     contiguous_file,
     pattern,
 )
+from asyncfs.types import Run
+from tests.mutants import breaks
 
 DATA = pattern(256 * PAGE_SIZE)
 VARIANTS = ["kernel", "broken"]
@@ -193,8 +197,8 @@ async def test_inv8_waitq_read_continues_to_full_length(
     with zeros).
 
     Broken variant: the step's partial result is returned to the caller as the answer."""
-    breaks(variant, monkeypatch, PageCache, "_read_slow",
-           "continue  # copied bytes", "return  # copied bytes")
+    breaks(variant, monkeypatch, PageCache, "filemap_read",
+           "if new_off >= end:", "if new_off >= end or new_off != off:")
     dev = GatedDevice(DATA)
     c = PageCache(dev, readahead_max=0)
     f = contiguous_file(64 * 1024)
@@ -227,9 +231,8 @@ async def test_inv8_nowait_returns_what_it_copied(
     block"; only a step with no progress says would-block.
 
     Broken variant: would-block is raised even after bytes were copied (they are lost)."""
-    breaks(variant, monkeypatch, PageCache, "read_file",
-           "                    if parts:\n                        break",
-           "                    if False:\n                        break")
+    breaks(variant, monkeypatch, PageCache, "_read_rest",
+           "if parts:\n            return False", "if False:\n            return False")
     dev = GatedDevice(DATA)
     c = PageCache(dev, readahead_max=0)
     f = contiguous_file(64 * 1024)
@@ -302,9 +305,9 @@ async def test_inv10_page_states(variant: str, monkeypatch: pytest.MonkeyPatch) 
     UPTODATE data never changes.
 
     Broken variant: a failed read marks its pages UPTODATE (with no data) instead of ERROR."""
-    breaks(variant, monkeypatch, PageCache, "_complete",
-           "p.flags = (p.flags | PG_ERROR) & ~(PG_READAHEAD | PG_RA_UNUSED)",
-           "p.flags = (p.flags | PG_UPTODATE) & ~(PG_READAHEAD | PG_RA_UNUSED)")
+    breaks(variant, monkeypatch, pageio_mod, "end_page_read",
+           "page.flags = (flags | PG_ERROR) & ~_RA_BITS",
+           "page.flags = (flags | PG_UPTODATE) & ~_RA_BITS")
     dev = GatedDevice(DATA)
     c = PageCache(dev)
     outcomes: list[object] = []
@@ -349,34 +352,32 @@ async def test_inv11_revalidate_after_wake(variant: str, monkeypatch: pytest.Mon
     Broken variant: after the wake the reader copies from the page object it waited on."""
     if variant == "broken":
 
-        async def stale_read_slow(self: PageCache, off: int, end: int, parts: list[Any],
-                                  ctx: object, nowait: bool) -> None:
+        async def stale_filemap_read(self: PageCache, off: int, end: int, parts: list[Any],
+                                     ctx: object, nowait: bool) -> None:
             idx = off // PAGE_SIZE
-            self._populate(idx, idx)
-            page = self.lookup(idx)
+            page = await self.filemap_get_pages(off, end, parts, None)
             assert page is not None
-            if page.flags & PG_LOCKED:
-                await self._wait_unlocked(page)
+            await self.filemap_update_page(page, off, parts, nowait)
             parts.append(page.data[off - idx * PAGE_SIZE : end - idx * PAGE_SIZE])
 
-        monkeypatch.setattr(PageCache, "_read_slow", stale_read_slow)
+        monkeypatch.setattr(PageCache, "filemap_read", stale_filemap_read)
     dev = GatedDevice(bytes(DATA))
     c = PageCache(dev)
-    real_complete = PageCache._complete
+    real_end_read = PageIO.end_read
     fired = False
 
-    def complete_then_replace(self: PageCache, pages: list[Any], *args: Any) -> None:
+    def end_read_then_replace(self: PageIO, pages: list[Any], *args: Any, **kw: Any) -> None:
         nonlocal fired
-        real_complete(self, pages, *args)  # wakes the reader (it has not run yet)
+        real_end_read(self, pages, *args, **kw)  # wakes the reader (it has not run yet)
         if not fired:
             fired = True
             dev.data = b"\xee" * len(DATA)  # a later version of the device's bytes
             # A forced drop (as an invalidation would do): reclaim itself cannot take it,
             # the wake pinned it for the reader.
-            self.lru.remove(pages[0])
-            self._populate(0, 0)  # a replacement page, LOCKED, under new I/O
+            c.lru.remove(pages[0])
+            c.filemap_create_pages(0, 0)  # a replacement page, LOCKED, under new I/O
 
-    monkeypatch.setattr(PageCache, "_complete", complete_then_replace)
+    monkeypatch.setattr(PageIO, "end_read", end_read_then_replace)
     res: list[bytes] = []
 
     async def reader() -> None:
@@ -399,12 +400,12 @@ async def test_inv12_one_backend_read_for_concurrent_misses(
 
     Broken variant: a reader that finds the page locked (I/O in flight) replaces it with a
     fresh page and reads it again itself."""
-    breaks(variant, monkeypatch, PageCache, "_populate",
-           "        if p is None:\n            p = Page(idx, PG_LOCKED)\n",
+    breaks(variant, monkeypatch, PageCache, "filemap_create_pages",
+           "        if p is None:\n            p = lock_page_new(Page(idx))\n",
            "        if p is None or p.flags & PG_LOCKED:\n"
            "            if p is not None:\n"
            "                self._lru.remove(p)\n"
-           "            p = Page(idx, PG_LOCKED)\n")
+           "            p = lock_page_new(Page(idx))\n")
     dev = GatedDevice(DATA)
     c = PageCache(dev)
     res: list[bytes] = []
@@ -434,9 +435,8 @@ async def test_inv13_marker_hit_starts_exactly_one_window(
 
     Broken variant: the marker is tested but not cleared, so every reader of the page starts
     another window."""
-    breaks(variant, monkeypatch, PageCache, "_copy_prefix",
-           "p.flags = flags = flags & ~(PG_RA_UNUSED | PG_READAHEAD)",
-           "p.flags = flags = flags & ~PG_RA_UNUSED")
+    breaks(variant, monkeypatch, cache_mod, "page_test_clear_readahead",
+           "page.flags = flags & ~_RA_BITS", "page.flags = flags & ~PG_RA_UNUSED")
     windows = 0
     real = PageCache._readahead_task
 
@@ -468,11 +468,11 @@ async def test_inv13_marker_only_on_new_pages_and_within_eof(
     not flagged), and the window never creates pages past the file's EOF.
 
     Broken variant: the marker is also set on an already cached page."""
-    breaks(variant, monkeypatch, PageCache, "_submit_window",
-           "            if idx in pages:  # cached, or in flight for someone else\n",
-           "            if idx in pages and idx == marker_dev:\n"
-           "                pages[idx].flags |= PG_READAHEAD\n"
-           "            if idx in pages:\n")
+    breaks(variant, monkeypatch, WindowReader, "_read_run",
+           "        if idx in pages:  # cached, or in flight for someone else\n",
+           "        if idx in pages and idx == rw.marker:\n"
+           "            pages[idx].flags |= PG_READAHEAD\n"
+           "        if idx in pages:\n")
     c = PageCache(MemoryDevice(DATA), readahead_max=32 * PAGE_SIZE)
     await c.read_dev(PAGE_SIZE, 10)  # device page 1 (file page 1) already cached
     f = contiguous_file(3 * PAGE_SIZE - 5)
@@ -537,10 +537,10 @@ async def test_inv14_cache_stays_within_limit(
 
     Broken variant: only insertion reclaims (not I/O completion nor the reader after its
     copy), so pages brought in while everything was locked stay over the limit."""
-    breaks(variant, monkeypatch, PageCache, "_complete",
-           "    if reclaim:\n        self._shrink()\n    if self._idle", "    if self._idle")
-    breaks(variant, monkeypatch, PageCache, "_read_slow",
-           "                self._shrink()  # pages pinned", "                pass  #")
+    breaks(variant, monkeypatch, PageIO, "end_read",
+           "    if reclaim:\n        self._reclaim()\n", "")
+    breaks(variant, monkeypatch, PageCache, "_copy_step",
+           "self._shrink()  # pages pinned", "pass  # pages pinned")
     dev = GatedDevice(DATA)
     c = PageCache(dev, cache_bytes=8 * PAGE_SIZE, readahead_max=0)
 

@@ -1,5 +1,6 @@
 """A bounded Hypothesis state-machine soak of the engine over {read, evict, fail next I/O,
-release I/O, cancel a reader}, with the §4 invariants checked after every step.
+release I/O, cancel a reader}, with the invariants of docs/invariants.md checked after every
+step.
 
 Hypothesis drives the machine from a worker thread; every rule runs its operation on the trio
 loop (``trio.from_thread.run``) and lets the loop settle before the checks, so each check sees
@@ -27,8 +28,8 @@ from hypothesis.stateful import (
 from asyncfs.engine.cache import PageCache
 from asyncfs.errors import DeviceIOError
 from asyncfs.pagecache import PAGE_SIZE, PG_ERROR, PG_LOCKED, PG_UPTODATE
+from asyncfs.testing import GatedDevice, ListFileMap, pattern
 from asyncfs.types import Run
-from tests.unit.fakes import GatedDevice, ListFileMap, pattern
 
 DEV = pattern(24 * PAGE_SIZE + 1500, seed=7)
 # A file of unaligned 1 KiB-block extents, a hole and inline-free tail.
@@ -187,7 +188,8 @@ class EngineMachine(RuleBasedStateMachine):
 @pytest.mark.parametrize("mode", ["async", "threads"])
 async def test_engine_state_machine_soak(mode: str) -> None:
     """Random interleavings keep every invariant. (Each invariant's teeth are shown by its
-    own test with a broken variant; this soak looks for interleavings those missed.)"""
+    own test, which builds the invariant broken; this soak looks for interleavings those
+    missed.)"""
     n_examples = 150 if mode == "async" else 25
 
     async with trio.open_nursery() as nursery:

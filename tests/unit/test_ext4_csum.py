@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asyncfs.ext4 import csum
 from asyncfs.ext4.csum import (
     crc16,
     csum_seed_from_superblock,
@@ -30,7 +31,21 @@ from asyncfs.ext4.csum import (
     verify_superblock,
     verify_xattr_block,
 )
-from tests.imagegen import corpus_image, image_info
+from asyncfs.testing.imagegen import image_info
+from tests.imagegen import corpus_image
+from tests.mutants import breaks
+from tests.unit.volume_walk import fails_unless_kernel
+
+VARIANTS = ["kernel", "broken"]
+
+
+def _broken(variant: str, monkeypatch: pytest.MonkeyPatch, name: str, old: str,
+            new: str) -> None:
+    """The broken variant of ``csum.name`` (see mutants.breaks), also under the name this
+    test module imported it by."""
+    breaks(variant, monkeypatch, csum, name, old, new)
+    if variant != "kernel" and name in globals():
+        monkeypatch.setitem(globals(), name, getattr(csum, name))
 
 
 class Img:
@@ -91,24 +106,34 @@ PATHS = ["/", "files/big", "files/empty", "xattr/large", "sparse/fragmented", "l
          "special/null", "bigdir", "bigdir_long", "acl/default_dir"]
 
 
-def test_kernel_crc_relation() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_crc_relation(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """ext4_chksum is raw CRC32C (no inversions); the package is standard CRC32C.
 
-    Broken variant: passing the seed straight as ``value`` gives a different result."""
-    assert ext4_chksum(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283
+    Broken variant: passing the CRC seed straight as ``value`` gives a different result."""
+    _broken(variant, monkeypatch, "ext4_chksum", "value=seed ^ _M) ^ _M", "value=seed)")
+    with fails_unless_kernel(variant):
+        assert ext4_chksum(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283
+    if variant != "kernel":
+        return
     assert ext4_chksum(ext4_chksum(7, b"ab"), b"cd") == ext4_chksum(7, b"abcd")
     assert ext4_chksum(7, b"ab") != crc32c.crc32c(b"ab", value=7)
     # CRC-16/ARC check value; lib/crc16 with seed 0 is exactly that
     assert crc16(0, b"123456789") == 0xBB3D
 
 
-@pytest.mark.parametrize("preset", CSUM_PRESETS)
-def test_superblock_and_group_descs(images: dict[str, Img], preset: str) -> None:
+@pytest.mark.parametrize(("preset", "variant"), [
+    *((p, "kernel") for p in CSUM_PRESETS), ("ext4", "broken")])
+def test_superblock_and_group_descs(
+    images: dict[str, Img], preset: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Superblock and every group descriptor in the first descriptor block verify; one
     flipped byte fails.
 
     Broken variant: checksumming the group descriptor without the le32 group number fails
     every group."""
+    _broken(variant, monkeypatch, "group_desc_csum", "c = ext4_chksum(fs_seed, le_group)",
+            "c = fs_seed")
     img = images[preset]
     assert verify_superblock(img.sb)
     assert not verify_superblock(img.sb[:100] + bytes([img.sb[100] ^ 1]) + img.sb[101:])
@@ -116,34 +141,61 @@ def test_superblock_and_group_descs(images: dict[str, Img], preset: str) -> None
     n = min(img.groups, img.bs // img.desc_size)
     for g in range(n):
         d = gdt[g * img.desc_size : (g + 1) * img.desc_size]
-        assert verify_group_desc(d, g, fs_seed=img.fs_seed, uuid=img.uuid, metadata_csum=True,
-                                 is_64bit="64bit" in img.features), g
+        with fails_unless_kernel(variant):
+            assert verify_group_desc(d, g, fs_seed=img.fs_seed, uuid=img.uuid,
+                                     metadata_csum=True, is_64bit="64bit" in img.features), g
+        if variant != "kernel":
+            return
         bad = bytes([d[0] ^ 0x80]) + d[1:]
         assert not verify_group_desc(bad, g, fs_seed=img.fs_seed, uuid=img.uuid,
                                      metadata_csum=True, is_64bit="64bit" in img.features)
 
 
-@pytest.mark.parametrize("preset", ["gdt_csum", "gdt_csum-32"])
-def test_gdt_csum_crc16(images: dict[str, Img], preset: str) -> None:
+@pytest.mark.parametrize(("preset", "variant"), [
+    ("gdt_csum", "kernel"), ("gdt_csum-32", "kernel"), ("gdt_csum", "broken")])
+def test_gdt_csum_crc16(
+    images: dict[str, Img], preset: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without metadata_csum, uninit_bg descriptors carry crc16 (64- and 32-byte descs).
 
     Broken variant: leaving out the 64bit tail of the descriptor fails the 64-byte case."""
+    _broken(variant, monkeypatch, "group_desc_csum",
+            "if is_64bit and desc_size > _BG_CHECKSUM_OFF + 2:", "if False:")
     img = images[preset]
     assert "metadata_csum" not in img.features and "uninit_bg" in img.features
     gdt = img.block(img.first_data_block + 1)
-    for g in range(min(img.groups, img.bs // img.desc_size)):
-        d = gdt[g * img.desc_size : (g + 1) * img.desc_size]
-        assert verify_group_desc(d, g, fs_seed=0, uuid=img.uuid, metadata_csum=False,
-                                 is_64bit="64bit" in img.features), g
+    with fails_unless_kernel(variant):
+        for g in range(min(img.groups, img.bs // img.desc_size)):
+            d = gdt[g * img.desc_size : (g + 1) * img.desc_size]
+            assert verify_group_desc(d, g, fs_seed=0, uuid=img.uuid, metadata_csum=False,
+                                     is_64bit="64bit" in img.features), g
 
 
-@pytest.mark.parametrize("preset", CSUM_PRESETS)
-def test_inodes(images: dict[str, Img], preset: str) -> None:
+_INODE_VARIANTS = {
+    "checksum-hi-kept": ("inode_csum",
+                         'raw[I_CHECKSUM_HI_OFF : I_CHECKSUM_HI_OFF + 2] = b"\\0\\0"', "pass"),
+    "no-generation": ("inode_csum_seed", 'struct.pack("<II", ino & _M, generation & _M)',
+                      'struct.pack("<I", ino & _M)'),
+}
+
+
+@pytest.mark.parametrize(("preset", "variant"), [
+    *((p, "kernel") for p in CSUM_PRESETS), *(("ext4", v) for v in _INODE_VARIANTS)])
+def test_inodes(
+    images: dict[str, Img], preset: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Inodes of every kind verify, agree with debugfs's "Inode checksum", and fail when
     any byte but the checksum fields changes.
 
     Broken variants: not zeroing i_checksum_hi; seeding without the generation."""
+    if variant != "kernel":
+        _broken(variant, monkeypatch, *_INODE_VARIANTS[variant])
     img = images[preset]
+    with fails_unless_kernel(variant):
+        _check_inodes(img)
+
+
+def _check_inodes(img: Img) -> None:
     for path in PATHS:
         seed, raw = img.inode_seed(path)
         assert verify_inode(raw, img.inode_size, seed), path
@@ -180,13 +232,24 @@ def test_extent_blocks(images: dict[str, Img], preset: str) -> None:
     assert not verify_extent_block(img.block(etbs[0]), other)
 
 
-@pytest.mark.parametrize("preset", CSUM_PRESETS)
-def test_directory_blocks(images: dict[str, Img], preset: str) -> None:
+@pytest.mark.parametrize(("preset", "variant"), [
+    *((p, "kernel") for p in CSUM_PRESETS), ("ext4", "broken")])
+def test_directory_blocks(
+    images: dict[str, Img], preset: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every block of htree directories verifies as a leaf (dirent tail) or a dx root/node,
     classified the way the kernel does; corruption in either fails.
 
     Broken variant: checksumming the whole dx block (not count entries + dt_reserved)."""
+    _broken(variant, monkeypatch, "dx_node_csum",
+            "c = ext4_chksum(inode_seed, block[: off + count * DX_ENTRY_SIZE])",
+            "return ext4_chksum(inode_seed, block)")
     img = images[preset]
+    with fails_unless_kernel(variant):
+        _check_directory_blocks(img)
+
+
+def _check_directory_blocks(img: Img) -> None:
     kinds = {"leaf": 0, "dx": 0}
     for path in ("bigdir", "bigdir_long", "names", "/"):
         seed, _ = img.inode_seed(path)
@@ -210,18 +273,27 @@ def test_directory_blocks(images: dict[str, Img], preset: str) -> None:
     assert kinds["dx"] >= (3 if img.bs == 1024 else 2) and kinds["leaf"] >= 10, kinds
 
 
-@pytest.mark.parametrize("preset", CSUM_PRESETS)
-def test_xattr_blocks(images: dict[str, Img], preset: str) -> None:
+@pytest.mark.parametrize(("preset", "variant"), [
+    *((p, "kernel") for p in CSUM_PRESETS), ("ext4", "broken")])
+def test_xattr_blocks(
+    images: dict[str, Img], preset: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """External xattr blocks (one of them shared) verify with their own block number only.
 
     Broken variant: seeding with the 32-bit block number."""
+    _broken(variant, monkeypatch, "xattr_block_csum",
+            'struct.pack("<Q", block_nr & 0xFFFFFFFFFFFFFFFF)',
+            'struct.pack("<I", block_nr & 0xFFFFFFFF)')
     img = images[preset]
     for path in ("xattr/large", "xattr/shared1"):
         _, raw = img.inode(path)
         nr = struct.unpack_from("<I", raw, 104)[0] | struct.unpack_from("<H", raw, 118)[0] << 32
         assert nr
         blk = img.block(nr)
-        assert verify_xattr_block(blk, nr, img.fs_seed)
+        with fails_unless_kernel(variant):
+            assert verify_xattr_block(blk, nr, img.fs_seed)
+        if variant != "kernel":
+            return
         assert not verify_xattr_block(blk, nr + 1, img.fs_seed)
         assert not verify_xattr_block(blk[:-1] + bytes([blk[-1] ^ 1]), nr, img.fs_seed)
 

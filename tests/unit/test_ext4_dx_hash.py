@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncfs.errors import AsyncfsError, CorruptionError, NotSupportedError
+from asyncfs.ext4 import dx_hash
 from asyncfs.ext4.dx_hash import (
     DX_HASH_HALF_MD4,
     DX_HASH_LEGACY,
@@ -23,6 +24,10 @@ from asyncfs.ext4.dx_hash import (
     DX_HASH_TEA_UNSIGNED,
     ext4fs_dirhash,
 )
+from tests.mutants import breaks
+from tests.unit.volume_walk import fails_unless_kernel
+
+VARIANTS = ["kernel", "broken"]
 
 _HASH_LINE = re.compile(rb"Hash of .* is 0x([0-9a-f]+) \(minor 0x([0-9a-f]+)\)")
 
@@ -53,27 +58,34 @@ def seed_words(seed: bytes) -> tuple[int, int, int, int]:
     return a, b, c, d
 
 
-def test_known_vectors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_known_vectors(tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fixed names (ASCII, high bytes, every length class around the 16/32-byte blocks).
 
     Broken variant: str2hashbuf padding with zeros instead of the length pattern changes
     every half-MD4/TEA hash of a name whose length is not a multiple of 4."""
+    breaks(variant, monkeypatch, dx_hash, "_str2hashbuf", "pad = (pad | (pad << 16)) & _M",
+           "pad = 0")
     names = [b"a", b"hello", b"." * 15, b"x" * 16, b"y" * 17, b"z" * 31, b"q" * 32, b"w" * 33,
              b"n\xe9\xff", bytes(range(0x80, 0xFF)), b"k" * 255]
     seeds = [bytes(16), uuid.UUID("5574ee30-e0c1-44d4-916f-0beeba886e88").bytes]
     queries = [(n, v, s) for n in names for v in range(6) for s in seeds]
     ref = debugfs_hashes(tmp_path, queries)
-    for (n, v, s), want in zip(queries, ref, strict=True):
-        assert ext4fs_dirhash(n, v, seed_words(s)) == want, (n, v, s)
+    with fails_unless_kernel(variant):
+        for (n, v, s), want in zip(queries, ref, strict=True):
+            assert ext4fs_dirhash(n, v, seed_words(s)) == want, (n, v, s)
 
 
-def test_signedness_matters() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_signedness_matters(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """High bytes hash differently signed vs unsigned; pure ASCII does not.
 
     Broken variant: treating bytes as unsigned in the signed versions makes 0 == 3."""
+    breaks(variant, monkeypatch, dx_hash, "_byte_values", "if signed:", "if False:")
     for signed, unsigned in ((0, 3), (1, 4), (2, 5)):
         assert ext4fs_dirhash(b"abc", signed) == ext4fs_dirhash(b"abc", unsigned)
-        assert ext4fs_dirhash(b"\xe9t\xe9", signed) != ext4fs_dirhash(b"\xe9t\xe9", unsigned)
+        with fails_unless_kernel(variant):
+            assert ext4fs_dirhash(b"\xe9t\xe9", signed) != ext4fs_dirhash(b"\xe9t\xe9", unsigned)
 
 
 def test_zero_seed_is_default() -> None:
@@ -130,17 +142,25 @@ _INDEX = re.compile(rb"Entry #\d+: Hash 0x([0-9a-f]{8}), block (\d+)")
 
 
 @pytest.mark.parametrize(
-    ("alg", "flags", "version"),
-    [("legacy", 1, DX_HASH_LEGACY), ("legacy", 2, DX_HASH_LEGACY_UNSIGNED),
-     ("half_md4", 1, DX_HASH_HALF_MD4), ("half_md4", 2, 4),
-     ("tea", 1, DX_HASH_TEA), ("tea", 2, DX_HASH_TEA_UNSIGNED)],
+    ("alg", "flags", "version", "variant"),
+    [("legacy", 1, DX_HASH_LEGACY, "kernel"), ("legacy", 2, DX_HASH_LEGACY_UNSIGNED, "kernel"),
+     ("half_md4", 1, DX_HASH_HALF_MD4, "kernel"), ("half_md4", 2, 4, "kernel"),
+     ("tea", 1, DX_HASH_TEA, "kernel"), ("tea", 2, DX_HASH_TEA_UNSIGNED, "kernel"),
+     ("tea", 2, DX_HASH_TEA_UNSIGNED, "broken")],
 )
-def test_real_htree_placement(tmp_path: Path, alg: str, flags: int, version: int) -> None:
+def test_real_htree_placement(
+    tmp_path: Path, alg: str, flags: int, version: int, variant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Build an htree (e2fsck -D) with the given hash and signedness over names with high
     bytes; every name must sit in the leaf block whose on-disk index range covers our hash.
 
     Broken variant: ignoring the unsigned flag (version - 3) misplaces names in the
     *_unsigned cases."""
+    breaks(variant, monkeypatch, dx_hash, "ext4fs_dirhash", "buf = list(_DEFAULT_SEED)\n",
+           "buf = list(_DEFAULT_SEED)\n    hash_version -= 3 if 3 <= hash_version <= 5 else 0\n")
+    if variant != "kernel":  # this module calls it by the name it imported
+        monkeypatch.setitem(globals(), "ext4fs_dirhash", dx_hash.ext4fs_dirhash)
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     names = [b"n\xe9\xff%d" % i for i in range(150)] + [b"plain%d" % i for i in range(150)]
@@ -166,14 +186,15 @@ def test_real_htree_placement(tmp_path: Path, alg: str, flags: int, version: int
     assert len(index) >= 2
     seen = 0
     blocks = re.split(rb"Reading directory block (\d+), phys \d+\n", out)
-    for blk_s, body in zip(blocks[1::2], blocks[2::2], strict=True):
-        blk = int(blk_s)
-        lo = max(h for h, b in index if b == blk)
-        higher = [h for h, b in index if h > lo]
-        hi = min(higher) if higher else 2**32
-        for _ino, hh, mm, _rl, name in _LEAF.findall(body):
-            major, minor = ext4fs_dirhash(name, version, seed)
-            assert (major, minor) == (int(hh, 16), int(mm, 16)), name
-            assert lo <= major < hi + 1, (name, hex(major), hex(lo), hex(hi))
-            seen += 1
-    assert seen == len(names)
+    with fails_unless_kernel(variant):
+        for blk_s, body in zip(blocks[1::2], blocks[2::2], strict=True):
+            blk = int(blk_s)
+            lo = max(h for h, b in index if b == blk)
+            higher = [h for h, b in index if h > lo]
+            hi = min(higher) if higher else 2**32
+            for _ino, hh, mm, _rl, name in _LEAF.findall(body):
+                major, minor = ext4fs_dirhash(name, version, seed)
+                assert (major, minor) == (int(hh, 16), int(mm, 16)), name
+                assert lo <= major < hi + 1, (name, hex(major), hex(lo), hex(hi))
+                seen += 1
+        assert seen == len(names)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncfs.errors import AsyncfsError, CorruptionError, NoAttrError, NotSupportedError
+from asyncfs.ext4 import xattr
 from asyncfs.ext4.xattr import (
     EXT4_XATTR_INDEX_SYSTEM,
     EXT4_XATTR_INDEX_USER,
@@ -34,7 +35,27 @@ from asyncfs.ext4.xattr import (
     xattr_name,
     xattr_value_for_user,
 )
-from tests.imagegen import corpus_image, image_info, kernel_mount
+from asyncfs.testing.imagegen import image_info
+from tests.imagegen import corpus_image, kernel_mount
+from tests.mutants import breaks
+from tests.unit.volume_walk import fails_unless_kernel
+
+VARIANTS = ["kernel", "broken"]
+
+
+def _broken(variant: str, monkeypatch: pytest.MonkeyPatch, name: str, old: str,
+            new: str) -> None:
+    """The broken variant of ``xattr.name`` (see mutants.breaks), also under the name this
+    test module imported it by."""
+    breaks(variant, monkeypatch, xattr, name, old, new)
+    if variant != "kernel" and name in globals():
+        monkeypatch.setitem(globals(), name, getattr(xattr, name))
+
+
+def _system_listed(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broken variant that hands the system index to a handler: system.data is listed."""
+    if variant != "kernel":
+        monkeypatch.setattr(xattr, "_HANDLED", xattr._HANDLED | {EXT4_XATTR_INDEX_SYSTEM})
 
 
 class RawImage:
@@ -100,14 +121,39 @@ def _paths(src: Path) -> list[str]:
     return out
 
 
+_KERNEL_VARIANTS = {
+    "acl-unconverted": ("xattr_value_for_user",
+                        "if entry.name_index not in (EXT4_XATTR_INDEX_POSIX_ACL_ACCESS,",
+                        "if True or entry.name_index not in (EXT4_XATTR_INDEX_POSIX_ACL_ACCESS,"),
+    "offsets-from-magic": ("parse_ibody_xattrs", "raw_inode, first, inode_size, first, True,",
+                           "raw_inode, first, inode_size, header, True,"),
+}
+
+
 @pytest.mark.root
-@pytest.mark.parametrize("preset", ["ext4", "ext2-1k", "inline_data", "ext4-128inode"])
-def test_matches_kernel(corpus: tuple[Path, dict[str, Path]], preset: str) -> None:
+@pytest.mark.parametrize(("preset", "variant"), [
+    *((p, "kernel") for p in ("ext4", "ext2-1k", "inline_data", "ext4-128inode")),
+    ("inline_data", "system-listed"), ("ext4", "acl-unconverted"),
+    ("ext4", "offsets-from-magic"),
+])
+def test_matches_kernel(
+    corpus: tuple[Path, dict[str, Path]], preset: str, variant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Names (listxattr order) and values (ACLs converted) equal the kernel's loop mount.
 
     Broken variants: listing system.data (inline_data files differ), passing ACLs through
     unconverted (acl/* differ), value offsets relative to the magic instead of the first
     entry (in-inode values differ)."""
+    if variant == "system-listed":
+        _system_listed(variant, monkeypatch)
+    elif variant != "kernel":
+        _broken(variant, monkeypatch, *_KERNEL_VARIANTS[variant])
+    with fails_unless_kernel(variant):
+        _check_matches_kernel(corpus, preset)
+
+
+def _check_matches_kernel(corpus: tuple[Path, dict[str, Path]], preset: str) -> None:
     src, imgs = corpus
     raw = RawImage(imgs[preset])
     raw.locate(_paths(src))
@@ -135,16 +181,23 @@ def test_matches_kernel(corpus: tuple[Path, dict[str, Path]], preset: str) -> No
 
 
 @pytest.mark.root
-def test_inline_data_hides_system_data(corpus: tuple[Path, dict[str, Path]]) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inline_data_hides_system_data(
+    corpus: tuple[Path, dict[str, Path]], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """inline_data files carry system.data; nobody sees it, getxattr gives EOPNOTSUPP like
     the kernel (measured).
 
-    Broken variant: a visible() that accepts "system." lists it."""
+    Broken variant: the system index counted among those with a handler lists it."""
+    _system_listed(variant, monkeypatch)
     _src, imgs = corpus
     raw = RawImage(imgs["inline_data"])
     entries = raw.xattrs("files/inline_small")
     assert [(e.name_index, e.name) for e in entries] == [(EXT4_XATTR_INDEX_SYSTEM, b"data")]
-    assert list_names(entries) == []
+    with fails_unless_kernel(variant):
+        assert list_names(entries) == []
+    if variant != "kernel":
+        return
     assert not visible(b"system.data")
     with pytest.raises(NotSupportedError):
         find_xattr(entries, b"system.data")
@@ -189,10 +242,13 @@ def _ibody(entries: bytes, values: bytes, inode_size: int = 256, extra: int = 32
     return bytes(raw)
 
 
-def test_ibody_offsets_and_checks() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ibody_offsets_and_checks(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hand-built inode bodies: a good one parses, each kernel check_xattrs rule rejects.
 
     Broken variant: skipping the overlap check accepts a value that starts inside the names."""
+    _broken(variant, monkeypatch, "_check_entries", "if vstart < names_end or size",
+            "if size")
     first = 128 + 32 + 4
     val_off = 256 - 8 - first
     good = _ibody(_entry(3, 1, val_off, 0, 5, b"abc"), b"hello\0\0\0")
@@ -200,6 +256,10 @@ def test_ibody_offsets_and_checks() -> None:
     assert (xattr_name(e), e.value) == (b"user.abc", b"hello")
     assert parse_ibody_xattrs(good[:160] + bytes(96), 256, 32) == []  # no magic
     assert parse_ibody_xattrs(bytes(256), 256, 124) == []  # no room for the magic
+    with fails_unless_kernel(variant), pytest.raises(CorruptionError):
+        parse_ibody_xattrs(_ibody(_entry(3, 1, 0, 0, 5, b"abc"), b""), 256, 32)
+    if variant != "kernel":
+        return
     for bad in (
         _ibody(_entry(3, 1, 0, 0, 5, b"abc"), b""),  # value overlaps the names
         _ibody(_entry(3, 1, val_off, 0, 9, b"abc"), b""),  # value runs past the end
@@ -217,17 +277,22 @@ def test_ibody_offsets_and_checks() -> None:
     assert (ea.value_inum, ea.value_size, ea.value) == (12, 70000, b"")
 
 
-def test_acl_conversion() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_acl_conversion(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """ext4 ACL v1 (short + long entries) to Linux xattr v2; malformed ones rejected.
 
     Broken variant: treating every entry as 8 bytes misreads anything after USER_OBJ."""
+    _broken(variant, monkeypatch, "acl_from_disk", "off += _SHORT", "off += _LONG")
     disk = struct.pack("<I", 1) + struct.pack("<HH", 1, 6) + struct.pack("<HHI", 2, 7, 1000) \
         + struct.pack("<HH", 4, 4) + struct.pack("<HH", 0x10, 7) + struct.pack("<HH", 0x20, 0)
     e = XattrEntry(2, b"", 0, 0, len(disk), 0, disk, True)
     want = struct.pack("<I", 2) + struct.pack("<HHI", 1, 6, 0xFFFFFFFF) \
         + struct.pack("<HHI", 2, 7, 1000) + struct.pack("<HHI", 4, 4, 0xFFFFFFFF) \
         + struct.pack("<HHI", 0x10, 7, 0xFFFFFFFF) + struct.pack("<HHI", 0x20, 0, 0xFFFFFFFF)
-    assert xattr_value_for_user(e, disk) == want
+    with fails_unless_kernel(variant):
+        assert xattr_value_for_user(e, disk) == want
+    if variant != "kernel":
+        return
     with pytest.raises(NoAttrError):
         xattr_value_for_user(e, struct.pack("<I", 1))
     with pytest.raises(NoAttrError):
@@ -341,12 +406,18 @@ def test_near_valid_tables(case: tuple[bytes, int], ea_inode: bool) -> None:
 
 
 @pytest.mark.root
-def test_ea_inode_values(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ea_inode_values(tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """ea_inode: a 3 KiB value on 1 KiB blocks lands in an EA inode; the entry reports that
     inode and size, and the value read from it passes the kernel's hash checks and equals
     the kernel's getxattr.
 
     Broken variant: an entry hash over the value bytes instead of the value's crc32c."""
+    _broken(variant, monkeypatch, "verify_ea_inode_value", "    return entry.hash in (\n",
+            "    words = struct.unpack(f'<{len(value) // 4}I', value[: len(value) // 4 * 4])\n"
+            "    return entry.hash in (xattr_entry_hash(entry.name, words),\n"
+            "                          xattr_entry_hash(entry.name, words, signed=True))\n"
+            "    return entry.hash in (\n")
     from asyncfs.ext4.csum import csum_seed_from_superblock
 
     src = tmp_path / "src"
@@ -368,7 +439,10 @@ def test_ea_inode_values(tmp_path: Path) -> None:
     ea_raw, _, _ = raw.inode(f"<{ea.value_inum}>")
     stored_hash = struct.unpack_from("<I", ea_raw, 8)[0]  # i_atime holds the value hash
     seed = csum_seed_from_superblock(img.read_bytes()[1024:2048])
-    assert verify_ea_inode_value(ea, value, stored_hash, seed)
+    with fails_unless_kernel(variant):
+        assert verify_ea_inode_value(ea, value, stored_hash, seed)
+    if variant != "kernel":
+        return
     assert not verify_ea_inode_value(ea, value[:-1] + b"\0", stored_hash, seed)
     assert xattr_entry_hash(b"big", [stored_hash]) == ea.hash
     with kernel_mount(img) as mnt:

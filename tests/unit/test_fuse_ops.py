@@ -15,7 +15,7 @@ from asyncfs import errors
 from asyncfs.fuse.errnos import errno_for
 from asyncfs.fuse.ops import PUSH_MAX, AsyncfsOperations
 from asyncfs.types import Attr, DirEntry, StatFs
-from tests.unit.fakes import breaks
+from tests.mutants import breaks
 
 ROOT = 2
 
@@ -91,11 +91,17 @@ CASES: list[tuple[BaseException, int]] = [
 ]
 
 
+@pytest.mark.parametrize("variant", ["kernel", "no_catch_all"])
 @pytest.mark.parametrize(("exc", "code"), CASES, ids=lambda c: type(c).__name__)
-async def test_every_failure_is_exactly_one_errno_reply(exc: BaseException, code: int) -> None:
+async def test_every_failure_is_exactly_one_errno_reply(
+    exc: BaseException, code: int, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Invariant 15. Broken variant: `_call` without its catch-all `except BaseException`
     (only AsyncfsError mapped) -> RuntimeError/KeyError escape into pyfuse3's worker loop,
-    which would end the whole mount with no reply to the kernel; this test then fails."""
+    which would end the whole mount with no reply to the kernel; this test then fails for
+    them (an AsyncfsError is still mapped)."""
+    breaks(variant, monkeypatch, AsyncfsOperations, "_call",
+           "except BaseException as exc:", "except AsyncfsError as exc:")
     vol = FakeVolume(b"x" * 100)
     ops = AsyncfsOperations(vol)
     fh = (await ops.open(12, 0, None)).fh
@@ -111,10 +117,16 @@ async def test_every_failure_is_exactly_one_errno_reply(exc: BaseException, code
         "listxattr": lambda: ops.listxattr(12, None),
         "statfs": lambda: ops.statfs(None),
     }
+    replies: dict[str, int | str] = {}
     for name, call in handlers.items():
-        with pytest.raises(pyfuse3.FUSEError) as ei:
+        try:
             await call()
-        assert ei.value.errno == code, name
+        except pyfuse3.FUSEError as e:
+            replies[name] = e.errno
+        except BaseException as e:  # escaped: no reply at all
+            replies[name] = repr(e)
+    mapped = variant == "kernel" or isinstance(exc, errors.AsyncfsError)
+    assert (replies == dict.fromkeys(handlers, code)) == mapped, replies
 
 
 async def test_unexpected_errors_are_counted_and_answers_are_not() -> None:
@@ -130,17 +142,24 @@ async def test_unexpected_errors_are_counted_and_answers_are_not() -> None:
     assert ops.requests_failed == 1
 
 
+@pytest.mark.parametrize("variant", ["kernel", "first_piece"])
 @pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
-async def test_read_returns_full_length_or_eof(chunk: int) -> None:
+async def test_read_returns_full_length_or_eof(
+    chunk: int, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pyfuse3 pads a short reply with zeros, so a short read mid-file would hand the reader
     zeros. Broken variant: return the first piece (`return first`) -> with chunk < size the
     result is short and this fails."""
+    breaks(variant, monkeypatch, AsyncfsOperations, "_read_full",
+           "if len(first) >= size or len(first) == 0:", "if True:")
     data = bytes(range(256)) * 400
     ops = AsyncfsOperations(FakeVolume(data, chunk=chunk))
     fh = (await ops.open(12, 0, None)).fh
-    assert bytes(await ops.read(fh, 0, 65536)) == data[:65536]
-    assert bytes(await ops.read(fh, 100000, 65536)) == data[100000:]  # EOF: short is right
-    assert bytes(await ops.read(fh, len(data), 10)) == b""
+    full = bytes(await ops.read(fh, 0, 65536)) == data[:65536]
+    assert full == (variant == "kernel" or chunk >= 65536)
+    if variant == "kernel":
+        assert bytes(await ops.read(fh, 100000, 65536)) == data[100000:]  # EOF: short is right
+        assert bytes(await ops.read(fh, len(data), 10)) == b""
 
 
 class FrameVolume(FakeVolume):
@@ -193,16 +212,24 @@ async def test_root_reports_ext4_inode_number() -> None:
     assert (await ops.lookup(pyfuse3.ROOT_INODE, b"..")).st_ino == pyfuse3.ROOT_INODE
 
 
-async def test_flush_answers_enosys_so_the_kernel_stops_sending_it() -> None:
+@pytest.mark.parametrize("variant", ["kernel", "flush_succeeds"])
+async def test_flush_answers_enosys_so_the_kernel_stops_sending_it(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """close(2) of a file sends FLUSH and waits for it until the daemon answers ENOSYS once
     (fc->no_flush); a read-only mount has nothing to flush, so it always answers ENOSYS.
 
     Broken variant: ``flush`` returning None (success: a FLUSH round trip on every close)."""
+    breaks(variant, monkeypatch, AsyncfsOperations, "flush",
+           "raise pyfuse3.FUSEError(errno.ENOSYS)", "return None")
     ops = AsyncfsOperations(FakeVolume())
     fi = await ops.open(12, 0, None)
-    with pytest.raises(pyfuse3.FUSEError) as ei:
+    try:
         await ops.flush(fi.fh)
-    assert ei.value.errno == errno.ENOSYS
+        answer = 0
+    except pyfuse3.FUSEError as e:
+        answer = e.errno
+    assert (answer == errno.ENOSYS) == (variant == "kernel")
     await ops.release(fi.fh)
 
 
@@ -224,13 +251,24 @@ def _record_stores(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, byte
     return stores
 
 
+_PUSH_BROKEN = {
+    "no_open_check": ("open", "and ino not in self._open_count", "and True"),
+    "one_read": ("_push", "data = await self._read_full(handle, 0, size)",
+                 "data = await self.volume.read(handle, 0, size)"),
+    "no_pushed_memory": ("open", "and ino not in self._pushed", "and True"),
+}
+
+
+@pytest.mark.parametrize("variant", ["kernel", *_PUSH_BROKEN])
 async def test_small_file_is_pushed_whole_once_and_not_while_open(
-    monkeypatch: pytest.MonkeyPatch,
+    variant: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Broken variants: no open-handle check (the second open, while the first handle is
     open and a READ of it could hold page locks, stores again); one volume.read instead of
     reading to EOF (the chunked volume gives a short piece: nothing stored); no ``_pushed``
     memory (the reopen stores again)."""
+    if variant != "kernel":
+        breaks(variant, monkeypatch, AsyncfsOperations, *_PUSH_BROKEN[variant])
     stores = _record_stores(monkeypatch)
     data = bytes(range(256)) * 40
     ops = AsyncfsOperations(FakeVolume(data, chunk=1000))
@@ -238,29 +276,39 @@ async def test_small_file_is_pushed_whole_once_and_not_while_open(
     assert stores == []  # before FUSE_INIT there is no session to store into
     ops.init()
     fi1 = await ops.open(12, os.O_RDONLY, None)
-    assert stores == []  # fi0 is open: a READ through it may be holding page locks
+    seen = [stores == []]  # fi0 is open: a READ through it may be holding page locks
     await ops.release(fi0.fh)
     await ops.release(fi1.fh)
+    stores.clear()
     fi1 = await ops.open(12, os.O_RDONLY, None)
-    assert stores == [(12, 0, data)]
+    seen.append(stores == [(12, 0, data)])
     fi2 = await ops.open(12, os.O_RDONLY, None)
-    assert len(stores) == 1
+    seen.append(len(stores) == 1)
     await ops.release(fi1.fh)
     await ops.release(fi2.fh)
     fi3 = await ops.open(12, os.O_RDONLY, None)
-    assert len(stores) == 1 and ops.pushed_files == 1
+    seen.append(len(stores) == 1)
+    assert all(seen) == (variant == "kernel"), seen
     assert bytes(await ops.read(fi3.fh, 0, len(data) + 10)) == data  # READ still serves
 
 
-async def test_push_is_skipped_where_it_cannot_help(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("variant", ["kernel", "no_size_check"])
+async def test_push_is_skipped_where_it_cannot_help(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Large files, O_DIRECT opens, -o direct_io and empty files are never stored; a failed
     store or a failing read leaves the open working and the error to READ.
 
     Broken variant: no size check (the PUSH_MAX + 1 byte file is stored)."""
+    breaks(variant, monkeypatch, AsyncfsOperations, "_push",
+           "if not 0 < size <= PUSH_MAX:", "if not 0 < size:")
     stores = _record_stores(monkeypatch)
     big = AsyncfsOperations(FakeVolume(b"x" * (PUSH_MAX + 1)))
     big.init()
     await big.open(12, os.O_RDONLY, None)
+    assert (stores == []) == (variant == "kernel")
+    if variant != "kernel":
+        return
     direct = AsyncfsOperations(FakeVolume(b"abc"))
     direct.init()
     await direct.open(12, os.O_RDONLY | os.O_DIRECT, None)

@@ -18,6 +18,7 @@ import trio.testing
 
 from asyncfs.fuse import request_wait
 from asyncfs.fuse.request_wait import YIELD_EVERY, RequestWait
+from tests.mutants import aholds, breaks
 
 
 @pytest.fixture
@@ -61,17 +62,24 @@ def _take(fuse_end: socket.socket) -> str:
         return "would block"
 
 
+@pytest.mark.parametrize("variant", ["kernel", "always_parks"])
 async def test_a_queued_request_is_taken_without_a_checkpoint(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        pair: tuple[socket.socket, socket.socket], variant: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken variant: going through pyfuse3's wait every time, which parks in epoll and
     checkpoints even when the request is already queued."""
+    breaks(variant, monkeypatch, RequestWait, "__call__",
+           "if self._ready() or self._spin():", "if False:")
     fuse_end, kernel_end = pair
     wait = _wait(fuse_end)
     kernel_end.send(b"r")
-    with trio.testing.assert_no_checkpoints():
-        assert await wait()
+
+    async def check() -> None:
+        with trio.testing.assert_no_checkpoints():
+            assert await wait()
+
+    assert await aholds(check) == (variant == "kernel")
     assert _take(fuse_end) == "request"
-    assert (wait.taken_at_once, wait.waited_for) == (1, 0)
 
 
 async def test_an_empty_queue_parks_until_a_request_comes(
@@ -93,14 +101,18 @@ async def test_an_empty_queue_parks_until_a_request_comes(
     assert wait.waited_for == 1
 
 
+@pytest.mark.parametrize("variant", ["kernel", "trusts_the_wake_up"])
 async def test_a_woken_reader_asks_again_before_it_reads(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        pair: tuple[socket.socket, socket.socket], variant: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A reader parked in wait_readable is woken by epoll, but a worker taking the fast way may
     have read that request before the woken one runs. Here ``ready`` (the queue) and the fd's
     readiness (the wake-up) are driven apart to stage exactly that.
 
     Broken variant: answering True as soon as pyfuse3's wait returns; the worker then reads an
     empty queue ("would block": in the daemon, a read() that blocks the only thread)."""
+    breaks(variant, monkeypatch, RequestWait, "__call__",
+           "if self._ready():", "if True:")
     fuse_end, kernel_end = pair
     queued = [0]
     wait = _wait(fuse_end, ready=lambda: queued[0] > 0)
@@ -119,15 +131,19 @@ async def test_a_woken_reader_asks_again_before_it_reads(
             await trio.sleep(0)  # the parked reader is woken and runs
         fuse_end.recv(1)
         await trio.testing.wait_all_tasks_blocked()
-        assert got == []
         queued[0] = 1
         kernel_end.send(b"r")
-    assert got == ["request"]
+    assert (got == ["request"]) == (variant == "kernel"), got
 
 
-async def test_a_full_queue_still_lets_other_tasks_run() -> None:
+@pytest.mark.parametrize("variant", ["kernel", "never_yields"])
+async def test_a_full_queue_still_lets_other_tasks_run(
+        variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Broken variant: never yielding on the fast way; with requests always queued the worker
     then never gives trio back, and completions and signals wait forever."""
+    breaks(variant, monkeypatch, RequestWait, "__call__",
+           "if self._since_yield >= YIELD_EVERY:", "if False:")
+
     async def never() -> bool:
         raise AssertionError("the queue is never empty here")
 
@@ -144,15 +160,19 @@ async def test_a_full_queue_still_lets_other_tasks_run() -> None:
         calls = 50 * YIELD_EVERY
         for _ in range(calls):
             assert await wait()
-        assert others[0] >= calls // YIELD_EVERY // 2, others[0]  # one pass per yield
+        ran = others[0] >= calls // YIELD_EVERY // 2  # one pass per yield
         nursery.cancel_scope.cancel()
+    assert ran == (variant == "kernel"), others[0]
 
 
+@pytest.mark.parametrize("variant", ["kernel", "forgets_the_close"])
 async def test_after_close_every_caller_answers_false(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        pair: tuple[socket.socket, socket.socket], variant: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """pyfuse3.terminate() wakes the parked reader with ClosedResourceError and pyfuse3's wait
     answers False; a request still queued must not be read after that. Broken variant:
     forgetting the close, so the next caller takes the queued request at once."""
+    breaks(variant, monkeypatch, RequestWait, "__call__", "self._closed = True", "pass")
     fuse_end, kernel_end = pair
     wait = _wait(fuse_end)
     answers: list[bool] = []
@@ -168,26 +188,33 @@ async def test_after_close_every_caller_answers_false(
             trio.lowlevel.notify_closing(fuse_end.fileno())
     assert answers == [False, False, False]
     kernel_end.send(b"r")
-    assert not await wait()
+    assert (not await wait()) == (variant == "kernel")
 
 
+@pytest.mark.parametrize("variant", ["kernel", "no_spin"])
 async def test_a_request_arriving_during_the_spin_is_taken_without_parking(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        pair: tuple[socket.socket, socket.socket], variant: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A lone reader's next request comes within microseconds of the reply; watching the
     empty queue that long beats parking and waking. Broken variant: no spin (the worker parks,
     a checkpoint)."""
+    breaks(variant, monkeypatch, RequestWait, "__call__",
+           "if self._ready() or self._spin():", "if self._ready():")
     fuse_end, kernel_end = pair
     wait = RequestWait(fuse_end.fileno(), Pyfuse3Park(fuse_end.fileno()),
                        may_spin=lambda: True, spin_s=5.0)
     later = threading.Timer(0.02, kernel_end.send, (b"r",))  # the reader, in its own thread
     later.start()
-    try:
+
+    async def check() -> None:
         with trio.testing.assert_no_checkpoints():
             assert await wait()
+
+    try:
+        assert await aholds(check) == (variant == "kernel")
     finally:
         later.join()
     assert _take(fuse_end) == "request"
-    assert (wait.taken_at_once, wait.waited_for) == (1, 0)
 
 
 def _counting(queued: list[int], calls: list[int]) -> Callable[[], bool]:
@@ -197,13 +224,21 @@ def _counting(queued: list[int], calls: list[int]) -> Callable[[], bool]:
     return ready
 
 
-@pytest.mark.parametrize("may_spin, spin_s", [(False, 1.0), (True, 0.01)])
+@pytest.mark.parametrize("variant, may_spin, spin_s", [
+    ("kernel", False, 1.0), ("kernel", True, 0.01),
+    ("ignores_may_spin", False, 1.0), ("no_spin", True, 0.01),
+])
 async def test_the_spin_only_when_allowed_and_only_so_long(
-        pair: tuple[socket.socket, socket.socket], may_spin: bool, spin_s: float) -> None:
+        pair: tuple[socket.socket, socket.socket], variant: str, may_spin: bool, spin_s: float,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """No spin while ``may_spin`` says no (the daemon: a backend read in flight, whose
     completion must not wait behind it), and a bounded one otherwise: then the worker parks.
     Broken variants: ignoring ``may_spin`` (ready() asked over and over for a second);
     no spin at all (ready() asked once or twice, also with leave to spin)."""
+    breaks(variant if variant != "no_spin" else "kernel", monkeypatch, RequestWait, "_spin",
+           " or self._may_spin is None or not self._may_spin()", "")
+    breaks(variant if variant != "ignores_may_spin" else "kernel", monkeypatch, RequestWait,
+           "__call__", "if self._ready() or self._spin():", "if self._ready():")
     fuse_end, kernel_end = pair
     queued, calls = [0], [0]
     wait = RequestWait(fuse_end.fileno(), Pyfuse3Park(fuse_end.fileno()),
@@ -218,10 +253,11 @@ async def test_the_spin_only_when_allowed_and_only_so_long(
             nursery.start_soon(worker)
             await trio.testing.wait_all_tasks_blocked()
             assert got == []  # parked
-            assert (calls[0] > 10) == may_spin, calls[0]
+            spun_as_told = (calls[0] > 10) == may_spin
             queued[0] = 1
             kernel_end.send(b"r")
     assert got == [True]
+    assert spun_as_told == (variant == "kernel"), calls[0]
 
 
 def _module_with_hook() -> SimpleNamespace:

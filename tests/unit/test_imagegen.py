@@ -10,19 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.imagegen import (
+from asyncfs.testing import imagegen as imagegen_mod
+from asyncfs.testing.imagegen import (
     ALL_FIELDS,
     PRESETS,
     SMALL_INODE_PRESETS,
     SOURCE_FIELDS,
     compare_statfs,
     compare_trees,
-    corpus_image,
     image_info,
-    kernel_mount,
     make_image,
     make_tree,
 )
+from tests.imagegen import corpus_image, kernel_mount
+from tests.mutants import breaks
 
 # the kernel reference mount, device nodes and foreign owners all need root
 pytestmark = pytest.mark.root
@@ -47,14 +48,21 @@ def _debugfs(img: Path, cmd: str) -> str:
                           check=True).stdout.decode("utf-8", "replace")
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_matches_source_in_kernel(preset: str) -> None:
+@pytest.mark.parametrize(("variant", "preset"), [
+    *[("kernel", p) for p in sorted(PRESETS)], ("no_time_rewrite", "ext4")])
+def test_preset_matches_source_in_kernel(
+    variant: str, preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each preset's image, mounted by the kernel, shows the source tree: names, modes,
     owners, sizes, rdev, mtimes (ns, pre-1970, post-2038), contents, link targets, xattrs.
 
     Broken variant: skipping make_image's timestamp rewrite leaves mtime_ns differences on
-    every inode; skipping the size fix breaks sparse/hole_end on inline_data."""
+    every inode (built for ext4, from the corpus tree into a fresh image)."""
     src, img = corpus_image(preset)
+    if variant != "kernel":
+        breaks(variant, monkeypatch, imagegen_mod, "make_image",
+               '_set_times(src, img, int(image_info(img)["Inode size"]))', "pass")
+        img = imagegen_mod.make_image(src, tmp_path / "broken.img", preset)
     info = image_info(img)
     features = info["Filesystem features"].split()
     for want in _FEATURE_CHECKS.get(preset, ()):
@@ -66,7 +74,7 @@ def test_preset_matches_source_in_kernel(preset: str) -> None:
     with kernel_mount(img) as mnt:
         diffs = compare_trees(src, mnt, fields=SOURCE_FIELDS,
                               small_inodes=preset in SMALL_INODE_PRESETS)
-        assert diffs == []
+        assert (diffs == []) == (variant == "kernel"), diffs[:5]
         assert len(os.listdir(mnt / "bigdir")) == 300
 
 
@@ -89,10 +97,17 @@ def test_structure_is_really_there(preset: str) -> None:
     assert "Device major/minor number: 4095:1048575" in _debugfs(img, "stat special/blk_max")
 
 
-def test_tree_is_deterministic_and_compare_finds_plants(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["kernel", "names_only"])
+def test_tree_is_deterministic_and_compare_finds_plants(
+    tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two trees from one seed compare equal; each planted difference is reported.
 
-    Broken variant: a compare_trees that only compares names misses every plant."""
+    Broken variant: a compare_trees that only compares names misses every plant but the
+    removed file."""
+    breaks(variant, monkeypatch, imagegen_mod, "compare_trees",
+           "f = set(fields)", "f: set[str] = set()")
+    compare_trees = imagegen_mod.compare_trees
     a, b = tmp_path / "a", tmp_path / "b"
     make_tree(a, "small", seed=3)
     make_tree(b, "small", seed=3)
@@ -119,7 +134,8 @@ def test_tree_is_deterministic_and_compare_finds_plants(tmp_path: Path) -> None:
     for needle in ("files/big: content", "modes/f0640: mode", "xattr/small: xattrs",
                    "links/rel: link", "bigdir: only in a", "times/ns: mtime_ns",
                    "owners/u1000_g1000: gid"):
-        assert needle in text, (needle, text)
+        names = needle.endswith("only in a")
+        assert (needle in text) == (variant == "kernel" or names), (needle, text)
 
 
 def test_small_inode_time_rule() -> None:

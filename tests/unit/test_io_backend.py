@@ -4,6 +4,7 @@ reader that asked."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -12,7 +13,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import liburing
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from asyncfs.errors import DeviceIOError, ImageError
 from asyncfs.io import DIRECT_MIN, ThreadDevice, UringDevice, filedev, open_image
-from asyncfs.io.filedev import PROBE_BACKOFF, PROBE_SAMPLE
+from asyncfs.io import uring as uring_mod
+from asyncfs.io.filedev import PROBE_BACKOFF, PROBE_SAMPLE, FileDeviceBase
 from bench.image import uncache_file
+from tests.mutants import aholds, breaks
 
 IMAGE_SIZE = 3 * (1 << 20) + 777  # odd: the last O_DIRECT read is short
 WINDOW = (511, IMAGE_SIZE - 511 - 4099)  # a partition starting and ending off any alignment
@@ -51,8 +53,9 @@ def test_reads_equal_pread(
     image: tuple[Path, bytes], backend: str, direct: bool, window: tuple[int, int] | None
 ) -> None:
     """Hypothesis: concurrent reads of random ranges equal os.pread of the same file range.
-    Broken variant: dropping the O_DIRECT alignment offset (copying from buffer start) or
-    resubmitting a short read at the original offset."""
+    The O_DIRECT alignment offset dropped is built broken in
+    ``test_unaligned_direct_read_keeps_its_offset``, a short read resubmitted at its start
+    in ``test_vanished_image_fails_only_its_readers``."""
     path, data = image
     base, size = window if window else (0, IMAGE_SIZE)
     fd = os.open(path, os.O_RDONLY)
@@ -86,6 +89,24 @@ def test_reads_equal_pread(
     finally:
         os.close(fd)
     assert data[:16] == path.read_bytes()[:16]
+
+
+@pytest.mark.parametrize("variant", ["kernel", "from_buffer_start"])
+async def test_unaligned_direct_read_keeps_its_offset(
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An O_DIRECT read at an unaligned offset reads the aligned span around it and returns
+    the caller's part of it. Broken variant: copying from the buffer's start (the alignment
+    offset dropped: the bytes of the aligned position instead)."""
+    breaks(variant, monkeypatch, UringDevice, "_complete",
+           "data = bytes(buf.view[op.lo : op.need])", "data = bytes(buf.view[0 : op.length])")
+    path, data = image
+    dev = await open_image(path, backend="uring", direct=True)
+    try:
+        got = [bytes(await dev.read(off, n)) for off, n in [(511, 1000), (8192 + 7, 4096)]]
+    finally:
+        await dev.aclose()
+    assert (got == [data[511:1511], data[8199:8199 + 4096]]) == (variant == "kernel")
 
 
 @pytest.mark.parametrize(("backend", "direct"), MODES)
@@ -141,13 +162,22 @@ class _ScriptedHostCache:
         return getattr(os, name)
 
 
+_PROBE_BROKEN = {
+    "no_backoff": ("_may_probe", "if self._probe_misses >= PROBE_BACKOFF:", "if False:"),
+    "hit_keeps_misses": ("_probe", "self._probe_misses = 0", "pass"),
+}
+
+
+@pytest.mark.parametrize("variant", ["kernel", *_PROBE_BROKEN])
 @pytest.mark.parametrize("backend", ["uring", "threads"])
 async def test_probe_backs_off_while_cold_and_resumes_once_cached(
-        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, backend: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """After PROBE_BACKOFF probe misses in a row only one call in PROBE_SAMPLE issues the
     syscall; the first sampled probe that finds the bytes cached ends the back-off.
     Broken variants: no back-off (nothing is ever skipped); a hit that does not reset the
     count of misses (after the sampled hit, cached pages are skipped again)."""
+    if variant != "kernel":
+        breaks(variant, monkeypatch, FileDeviceBase, *_PROBE_BROKEN[variant])
     path = tmp_path / "img"
     calls = PROBE_BACKOFF + 2 * PROBE_SAMPLE
     step = 64 * 4096
@@ -160,7 +190,7 @@ async def test_probe_backs_off_while_cold_and_resumes_once_cached(
     def probe(i: int) -> bytes | None:
         return dev.read_nowait((i + 1) * step, 4096)
 
-    try:
+    async def check() -> None:
         for i in range(PROBE_BACKOFF):  # cold: every probe misses, none skipped yet
             assert probe(i) is None
         assert (host.syscalls, dev.probes_skipped) == (PROBE_BACKOFF, 0)  # type: ignore[attr-defined]
@@ -174,6 +204,9 @@ async def test_probe_backs_off_while_cold_and_resumes_once_cached(
         assert got == [data[(i + 1) * step : (i + 1) * step + 4096] for i in range(first, calls)]
         assert dev.probes_skipped == PROBE_SAMPLE - 1  # type: ignore[attr-defined]
         assert host.syscalls == PROBE_BACKOFF + calls - first
+
+    try:
+        assert await aholds(check) == (variant == "kernel")
     finally:
         await dev.aclose()
 
@@ -204,13 +237,16 @@ def _host_caches(path: Path, off: int, length: int) -> bool:
         os.close(fd)
 
 
+@pytest.mark.parametrize("variant", ["kernel", "all_buffered"])
 @pytest.mark.parametrize("backend", ["uring", "threads"])
-async def test_hybrid_routes_large_reads_past_the_host_cache(tmp_path: Path,
-                                                            backend: str) -> None:
+async def test_hybrid_routes_large_reads_past_the_host_cache(
+        tmp_path: Path, backend: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default device reads ``DIRECT_MIN`` bytes or more with O_DIRECT (the host cache
     stays empty there, and the probe declines such ranges) and smaller reads through the host
     cache (which then holds them, and the probe serves them). Broken variant: ``_route``
     sending every read to the buffered descriptor (the large range lands in the host cache)."""
+    breaks(variant, monkeypatch, FileDeviceBase, "_route",
+           "if self._dfd >= 0 and length >= self._direct_min:", "if False:")
     path = tmp_path / "img"
     data = random.Random(5).randbytes(4 << 20)
     path.write_bytes(data)
@@ -220,7 +256,9 @@ async def test_hybrid_routes_large_reads_past_the_host_cache(tmp_path: Path,
         assert dev.hybrid  # type: ignore[attr-defined]
         big = (1 << 20, DIRECT_MIN * 2)
         assert bytes(await dev.read(*big)) == data[big[0] : big[0] + big[1]]
-        assert not _host_caches(path, *big)
+        assert (not _host_caches(path, *big)) == (variant == "kernel")
+        if variant != "kernel":
+            return
         assert dev.read_nowait(*big) is None
         small = (3 << 20, 8192)
         assert bytes(await dev.read(*small)) == data[small[0] : small[0] + small[1]]
@@ -230,14 +268,28 @@ async def test_hybrid_routes_large_reads_past_the_host_cache(tmp_path: Path,
         await dev.aclose()
 
 
-@pytest.mark.parametrize(("backend", "direct"), MODES)
+_SHRINK_BROKEN = {
+    "zero_read_ok": ('error = "image ends early (truncated or removed?)"', "pass"),
+    "short_read_at_start": ("ring, at = self._ring, op.pos + op.done",
+                            "ring, at = self._ring, op.pos"),
+}
+
+
+@pytest.mark.parametrize(("variant", "backend", "direct"), [
+    *[("kernel", b, d) for b, d in MODES],
+    ("zero_read_ok", "uring", True), ("zero_read_ok", "uring", False),
+    ("short_read_at_start", "uring", True), ("short_read_at_start", "uring", False),
+])
 async def test_vanished_image_fails_only_its_readers(
-    tmp_path: Path, backend: str, direct: bool
+    tmp_path: Path, variant: str, backend: str, direct: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The image shrinks under the device (truncated, or removed and rewritten): reads of the
     lost range fail with DeviceIOError, concurrent reads of the rest still succeed.
     Broken variants: treating a zero-byte read as success (returns stale or zero bytes);
-    resubmitting the rest of a short read at the read's start offset."""
+    resubmitting the rest of a short read at the read's start offset (built for io_uring)."""
+    if variant != "kernel":
+        where = "_complete" if variant == "zero_read_ok" else "_prep"
+        breaks(variant, monkeypatch, UringDevice, where, *_SHRINK_BROKEN[variant])
     path = tmp_path / "img"
     data = random.Random(3).randbytes(1 << 20)
     path.write_bytes(data)
@@ -254,23 +306,32 @@ async def test_vanished_image_fails_only_its_readers(
     async with trio.open_nursery() as nursery:
         for off in [*range(0, 1 << 20, 64 * 1024), 256 * 1024 - 4096]:  # one straddles the end
             nursery.start_soon(one, off)
-    for off, res in results.items():
-        if off + 8192 <= 256 * 1024:
-            assert res == data[off : off + 8192]
-        else:
-            assert isinstance(res, DeviceIOError) and "ends early" in str(res)
     await dev.aclose()
+    right = all(
+        res == data[off : off + 8192] if off + 8192 <= 256 * 1024
+        else isinstance(res, DeviceIOError) and "ends early" in str(res)
+        for off, res in results.items())
+    assert right == (variant == "kernel"), results.get(256 * 1024 - 4096)
 
 
-async def test_cancelled_reader_keeps_buffer_until_cqe(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("variant", ["kernel", "pooled_at_cancel"])
+async def test_cancelled_reader_keeps_buffer_until_cqe(
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Readers cancelled while their read is in flight leave at once; the op and its buffer stay
     registered until the CQE arrives, never back in the free pool meanwhile; later reads are
     right. Broken variant: an abort that drops the op and pools its buffer at once (the kernel
-    then writes into a buffer another read is using)."""
+    then writes into a buffer another read is using; built as a cancelled read that pools
+    its buffer while its op stays in the kernel)."""
+    breaks(variant, monkeypatch, UringDevice, "read",
+           "result: bytes = await trio.lowlevel.wait_task_rescheduled(op.abort)",
+           "try:\n        result: bytes = await trio.lowlevel.wait_task_rescheduled(op.abort)\n"
+           "    except trio.Cancelled:\n        self._pool.put(op.buf)\n        raise")
     path, data = image
     dev = await open_image(path, backend="uring", direct=True)
     assert isinstance(dev, UringDevice)
     rng = random.Random(5)
+    held = True
     orphans = 0
 
     def pooled() -> set[int]:
@@ -283,76 +344,108 @@ async def test_cancelled_reader_keeps_buffer_until_cqe(image: tuple[Path, bytes]
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         orphans += sum(op.task is None for op in dev._ops.values())
-        assert not any(id(op.buf) in pooled() for op in dev._ops.values())
+        held = held and not any(id(op.buf) in pooled() for op in dev._ops.values())
+    assert held == (variant == "kernel")
     assert orphans > 0  # some reads really were cancelled in flight
     with trio.fail_after(10):
         while dev.in_flight:
             await trio.sleep(0.001)
-    for off in (0, 12345, IMAGE_SIZE - 70000):
-        assert bytes(await dev.read(off, 65536)) == data[off : off + 65536]
+    if variant == "kernel":  # the broken pool may hand one buffer to two reads
+        for off in (0, 12345, IMAGE_SIZE - 70000):
+            assert bytes(await dev.read(off, 65536)) == data[off : off + 65536]
     await dev.aclose()
 
 
-async def test_queue_depth_is_the_number_of_callers(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("variant", ["kernel", "one_at_a_time"])
+async def test_queue_depth_is_the_number_of_callers(
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """All concurrent readers are submitted together (queue depth = number of callers).
-    Broken variant: serialising reads behind a lock (the peak stays 1)."""
+    Broken variant: serialising reads (each waits for the one in flight: the peak stays 1)."""
+    breaks(variant, monkeypatch, UringDevice, "read",
+           "while len(self._ops) >= self._depth:", "while len(self._ops) >= 1:")
     path, _ = image
     dev = await open_image(path, backend="uring", direct=True)
     assert isinstance(dev, UringDevice)
     async with trio.open_nursery() as nursery:
         for i in range(48):
             nursery.start_soon(dev.read, i * 16384, 4096)
-    assert dev.peak_in_flight == 48
+    assert (dev.peak_in_flight == 48) == (variant == "kernel"), dev.peak_in_flight
     await dev.aclose()
 
 
-async def test_depth_bound_holds(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("variant", ["kernel", "no_slot_wait"])
+async def test_depth_bound_holds(
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """64 readers on a depth-4 ring: at most 4 in flight, the rest wait for a slot and all
     finish. Broken variant: no slot wait (the SQ overflows; reads fail or hang)."""
+    breaks(variant, monkeypatch, UringDevice, "read",
+           "while len(self._ops) >= self._depth:", "while False:")
     path, data = image
     fd = os.open(path, os.O_RDONLY)
     dev = await UringDevice.create(fd, base=0, size=IMAGE_SIZE, direct=False, path=str(path),
                                    depth=4)
-    peak = 0
+    peak, right = 0, 0
 
     async def reader(i: int) -> None:
-        nonlocal peak
+        nonlocal peak, right
         peak = max(peak, dev.in_flight)
-        assert bytes(await dev.read(i * 4096, 4096)) == data[i * 4096 : (i + 1) * 4096]
+        with contextlib.suppress(DeviceIOError):
+            got = bytes(await dev.read(i * 4096, 4096))
+            right += got == data[i * 4096 : (i + 1) * 4096]
         peak = max(peak, dev.in_flight)
 
-    with trio.fail_after(10):
+    if variant != "kernel":
+        monkeypatch.setattr(uring_mod, "_DRAIN_SECONDS", 0.5)
+    with trio.move_on_after(2):  # the broken variant's readers hang
         async with trio.open_nursery() as nursery:
             for i in range(64):
                 nursery.start_soon(reader, i)
-    assert peak <= 4
+    assert (peak <= 4 and right == 64) == (variant == "kernel"), (peak, right)
     await dev.aclose()
 
 
+@pytest.mark.parametrize(("code", "why"), [
+    (errno.EPERM, "forbidden here"), (errno.ENOSYS, "no io_uring"), (errno.ENOMEM, "refused"),
+])
 async def test_uring_unavailable_falls_back_to_threads(
-    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+    image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, code: int, why: str
 ) -> None:
+    """Whatever errno ring set-up fails with (EPERM from a seccomp filter, ENOSYS from a
+    kernel or emulator without io_uring, anything else), ``auto`` serves through threads and
+    keeps a one-line reason naming the errno; ``uring`` is that line as an error."""
     path, data = image
 
-    def refuse(*_: object) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
+    class Refusing:
+        def Ring(self, depth: int) -> None:
+            raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(liburing, "io_uring_queue_init", refuse)
+    monkeypatch.setattr(uring_mod, "_uring", Refusing())
     dev = await open_image(path)
     assert isinstance(dev, ThreadDevice)
+    assert dev.backend_note is not None and why in dev.backend_note
+    assert errno.errorcode[code] in dev.backend_note
     assert bytes(await dev.read(100, 1000)) == data[100:1100]
     await dev.aclose()
-    with pytest.raises(ImageError, match="io_uring is unavailable"):
+    with pytest.raises(ImageError, match=f"io_uring is unavailable: .*{why}"):
         await open_image(path, backend="uring")
 
 
-@pytest.mark.parametrize("backend", ["uring", "threads"])
-async def test_kernel_error_reaches_only_its_reader(image: tuple[Path, bytes],
-                                                    backend: str) -> None:
+@pytest.mark.parametrize(("variant", "backend"), [
+    ("kernel", "uring"), ("kernel", "threads"), ("fails_all", "uring")])
+async def test_kernel_error_reaches_only_its_reader(
+    image: tuple[Path, bytes], variant: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A read the kernel fails (here EINVAL: an unaligned read on an O_DIRECT fd whose device
     was told it is buffered) raises DeviceIOError naming the errno in that reader only; aligned
     reads running beside it succeed and the device keeps working.
-    Broken variant: failing every op in flight when one CQE carries an error."""
+    Broken variant: failing every op in flight when one CQE carries an error (built for
+    io_uring)."""
+    breaks(variant, monkeypatch, UringDevice, "_complete",
+           'error = f"{errno.errorcode.get(-res, str(-res))} ({os.strerror(-res)})"',
+           'error = f"{errno.errorcode.get(-res, str(-res))} ({os.strerror(-res)})"\n'
+           "        self._fail_all(error)")
     path, data = image
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     dev: UringDevice | ThreadDevice
@@ -372,11 +465,12 @@ async def test_kernel_error_reaches_only_its_reader(image: tuple[Path, bytes],
         for i in range(16):
             nursery.start_soon(one, i * 65536, 4096)  # aligned: fine even with O_DIRECT
             nursery.start_soon(one, i * 65536 + 100, 333)  # unaligned: EINVAL
-    for off, res in results.items():
-        if off % 4096 == 0:
-            assert res == data[off : off + 4096]
-        else:
-            assert isinstance(res, DeviceIOError) and "EINVAL" in str(res)
-            assert f"at {off} of x failed" in str(res)
-    assert bytes(await dev.read(4096, 4096)) == data[4096:8192]
+    right = all(
+        res == data[off : off + 4096] if off % 4096 == 0
+        else isinstance(res, DeviceIOError) and "EINVAL" in str(res)
+        and f"at {off} of x failed" in str(res)
+        for off, res in results.items())
+    assert right == (variant == "kernel"), results
+    if variant == "kernel":
+        assert bytes(await dev.read(4096, 4096)) == data[4096:8192]
     await dev.aclose()

@@ -12,7 +12,11 @@ import trio
 import trio.testing
 
 from asyncfs.errors import DeviceIOError, UsageError
-from asyncfs.io import FaultyDevice, open_image, parse_latency
+from asyncfs.io import open_image
+from asyncfs.io import uring as uring_mod
+from asyncfs.io.uring import UringDevice
+from asyncfs.testing import FaultyDevice, parse_latency
+from tests.mutants import breaks
 
 SIZE = 1 << 20
 
@@ -25,12 +29,24 @@ def image(tmp_path: Path) -> tuple[Path, bytes]:
     return path, data
 
 
-async def test_eio_ranges_fail_only_touching_reads(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("variant", ["kernel", "overlap_with_le"])
+async def test_eio_ranges_fail_only_touching_reads(
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Broken variant: an overlap test with <= instead of < (a read ending exactly at the range
     start fails too)."""
+    breaks(variant, monkeypatch, FaultyDevice, "_touches_eio",
+           "offset < e and s < end", "offset <= e and s <= end")
     path, data = image
     dev = FaultyDevice(await open_image(path), eio_ranges=[(8192, 8193)])
-    assert bytes(await dev.read(0, 8192)) == data[:8192]  # ends right before the bad byte
+    try:
+        before = bytes(await dev.read(0, 8192)) == data[:8192]  # ends right before the bad byte
+    except DeviceIOError:
+        before = False
+    assert before == (variant == "kernel")
+    if variant != "kernel":
+        await dev.aclose()
+        return
     assert bytes(await dev.read(8193, 100)) == data[8193:8293]
     for off, length in [(8192, 1), (4096, 8192), (0, SIZE)]:
         with pytest.raises(DeviceIOError, match="EIO"):
@@ -100,15 +116,19 @@ class StepTimer(trio.abc.Instrument):
         self._t = None
 
 
-@pytest.mark.parametrize("backend", ["uring", "threads"])
+@pytest.mark.parametrize(("variant", "backend"), [
+    ("kernel", "uring"), ("kernel", "threads"), ("time_sleep", "threads")])
 async def test_event_loop_not_blocked_while_device_slow(
-    image: tuple[Path, bytes], backend: str
+    image: tuple[Path, bytes], variant: str, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While 32 reads wait 300 ms each on a slow device, a ticker keeps ticking every few ms
     and no task step takes long. The bounds leave room for a busy shared machine (other
     processes preempting this one) yet sit well below one blocked read.
     Broken variant: latency by time.sleep (or a blocking pread on the trio thread): the ticker
-    stops and the longest step is >= 300 ms."""
+    stops and the longest step is >= 300 ms (built with 4 reads, not 32: 1.2 s blocked)."""
+    breaks(variant, monkeypatch, FaultyDevice, "read", "await trio.sleep(delay / 1000)",
+           '__import__("time").sleep(delay / 1000)')
+    reads = 32 if variant == "kernel" else 4
     path, data = image
     dev = FaultyDevice(await open_image(path, backend=backend),  # type: ignore[arg-type]
                        latency_ms=300)
@@ -128,27 +148,35 @@ async def test_event_loop_not_blocked_while_device_slow(
 
             nursery.start_soon(ticker)
             async with trio.open_nursery() as readers:
-                for i in range(32):
+                for i in range(reads):
                     readers.start_soon(dev.read, i * 8192, 8192)
             assert bytes(await dev.read(4096, 10)) == data[4096:4106]
             nursery.cancel_scope.cancel()
     finally:
         trio.lowlevel.remove_instrument(timer)
-    assert len(gaps) > 30  # ~600 ms of reads at a 2 ms tick
-    assert max(gaps) < 0.2
-    assert timer.longest < 0.15
+    free = max(gaps, default=1.0) < 0.2 and timer.longest < 0.15
+    assert free == (variant == "kernel"), (max(gaps, default=1.0), timer.longest)
+    if variant == "kernel":
+        assert len(gaps) > 30  # ~600 ms of reads at a 2 ms tick
     await dev.aclose()
 
 
+@pytest.mark.parametrize(("variant", "backend"), [
+    ("kernel", "uring"), ("kernel", "threads"), ("no_latency", "uring")])
 async def test_latency_of_callback_reads_is_waited_in_the_ring(
-    image: tuple[Path, bytes]
+    image: tuple[Path, bytes], variant: str, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Over io_uring, reads complete by callback after their latency, which a timeout linked
     ahead of each read holds in the kernel: each waits at least the latency, they overlap (32
     reads of 30 ms take far less than 32 x 30 ms), the bytes are right, and each callback
-    comes once. Broken variant: ``submit_read_after(0.0, ...)`` (no latency)."""
+    comes once. Broken variant: ``submit_read_after(0.0, ...)`` (no latency). Over the
+    threads backend the latency is waited out by the pool, not the ring."""
+    breaks(variant, monkeypatch, FaultyDevice, "submit_read",
+           "self._inner_submit_after(delay, offset, length, callback)",
+           "self._inner_submit_after(0.0, offset, length, callback)")
     path, data = image
-    dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=30)
+    dev = FaultyDevice(await open_image(path, backend=backend),  # type: ignore[arg-type]
+                       latency_ms=30)
     done: dict[int, tuple[float, bytes | None, DeviceIOError | None]] = {}
     t0 = trio.current_time()
     for i in range(32):
@@ -159,34 +187,47 @@ async def test_latency_of_callback_reads_is_waited_in_the_ring(
     with trio.fail_after(5):
         while len(done) < 32:
             await trio.sleep(0.005)
-    for i, (t, got, err) in done.items():
+    for i, (_, got, err) in done.items():
         assert err is None and got == data[i * 4096 : (i + 1) * 4096]
-        assert t - t0 >= 0.030 - 1e-3, i
+    waited = all(t - t0 >= 0.030 - 1e-3 for t, _, _ in done.values())
+    assert waited == (variant == "kernel")
     assert max(t for t, _, _ in done.values()) - t0 < 16 * 0.030
     assert dev.reads == 32
     await dev.aclose()
 
 
-async def test_delayed_reads_fail_at_once_on_close(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize(("variant", "backend"), [
+    ("kernel", "uring"), ("kernel", "threads"), ("delays_kept", "uring")])
+async def test_delayed_reads_fail_at_once_on_close(
+    image: tuple[Path, bytes], variant: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Reads still waiting out their latency when the device closes get an error, once, and
     the close does not wait for their latency. Broken variant: ``aclose`` not cancelling the
-    ring's delays (the close waits out the drain limit, then fails them)."""
+    ring's delays (the close waits out the drain limit, here 1 s, then fails them)."""
+    breaks(variant, monkeypatch, UringDevice, "aclose", "self._cancel_delays()", "pass")
+    monkeypatch.setattr(uring_mod, "_DRAIN_SECONDS", 1.0)
     path, _ = image
-    dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=10_000)
+    dev = FaultyDevice(await open_image(path, backend=backend),  # type: ignore[arg-type]
+                       latency_ms=10_000)
     errors: list[DeviceIOError | None] = []
     for i in range(4):
         assert dev.submit_read(i * 4096, 4096, lambda buf, err: errors.append(err))
     await trio.sleep(0.01)
+    t0 = trio.current_time()
     with trio.fail_after(5):
         await dev.aclose()
     assert len(errors) == 4 and all(isinstance(e, DeviceIOError) for e in errors)
+    assert (trio.current_time() - t0 < 0.5) == (variant == "kernel")
 
 
-async def test_stall_and_eio_keep_the_read_path(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("backend", ["uring", "threads"])
+async def test_stall_and_eio_keep_the_read_path(image: tuple[Path, bytes],
+                                                backend: str) -> None:
     """While stalled, or with an EIO range set, ``submit_read`` declines (the page cache then
     uses ``read``, whose stall and EIO behaviour the tests above pin down)."""
     path, _ = image
-    dev = FaultyDevice(await open_image(path, backend="uring"), latency_ms=1)
+    dev = FaultyDevice(await open_image(path, backend=backend),  # type: ignore[arg-type]
+                       latency_ms=1)
     dev.stall()
     assert not dev.submit_read(0, 4096, lambda buf, err: None)
     dev.release()

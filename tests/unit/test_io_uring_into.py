@@ -15,12 +15,13 @@ import trio
 
 from asyncfs.engine.arena import FRAME_SIZE, PageArena
 from asyncfs.errors import DeviceIOError
-from asyncfs.io import DIRECT_MIN, FaultyDevice, UringDevice, open_image
+from asyncfs.io import DIRECT_MIN, ThreadDevice, UringDevice, open_image
 from asyncfs.io import uring as uring_mod
 from asyncfs.io.filedev import FileDeviceBase
+from asyncfs.testing import FaultyDevice
 from bench.image import uncache_file
+from tests.mutants import breaks, holds
 from tests.unit import test_io_backend
-from tests.unit.fakes import breaks
 from tests.unit.test_io_backend import IMAGE_SIZE, WINDOW
 
 PAGE = FRAME_SIZE
@@ -64,10 +65,21 @@ async def open_uring(path: Path, direct: bool | None,
 
 
 # -- submit_read_into -------------------------------------------------------------------------
-@pytest.mark.parametrize("direct", [True, False, None], ids=["odirect", "buffered", "hybrid"])
-@pytest.mark.parametrize("window", [None, WINDOW], ids=["whole", "window"])
+_INTO_SPAN_BROKEN = {
+    "no_alignment_check": (
+        "if direct and (pos % ALIGN or any(len(v) % ALIGN for v in views)):", "if False:"),
+    "device_offset": ("pos = self._base + offset", "pos = offset"),
+}
+
+
+@pytest.mark.parametrize(("variant", "backend", "direct", "window"), [
+    *[("kernel", b, d, w) for b in ["uring", "threads"] for d in [True, False, None]
+      for w in [None, WINDOW]],
+    ("no_alignment_check", "uring", True, WINDOW), ("device_offset", "uring", False, WINDOW),
+], ids=str)
 async def test_reads_into_frames_equal_pread(
-    image: tuple[Path, bytes], direct: bool | None, window: tuple[int, int] | None
+    image: tuple[Path, bytes], direct: bool | None, window: tuple[int, int] | None,
+    backend: str, variant: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Many reads of random page-multiple ranges into arena frames, all in flight at once:
     each one started fills its frames with the bytes ``os.pread`` reads there and calls back
@@ -77,9 +89,14 @@ async def test_reads_into_frames_equal_pread(
     Broken variants (seen to fail): ``_into_span`` without the alignment check (the kernel
     fails the read with EINVAL); ``_into_span`` answering the device offset instead of the
     file position (a window reads the wrong bytes)."""
+    if variant != "kernel":
+        breaks(variant, monkeypatch, FileDeviceBase, "_into_span", *_INTO_SPAN_BROKEN[variant])
     path, data = image
     base, size = window if window else (0, IMAGE_SIZE)
-    dev = await open_uring(path, direct, window)
+    dev = await open_image(path, backend=backend, direct=direct,  # type: ignore[arg-type]
+                           offset=window[0] if window else None,
+                           sizelimit=window[1] if window else None)
+    assert isinstance(dev, UringDevice | ThreadDevice)
     assert dev.size == size and dev.hybrid is (direct is None)
     rng = random.Random(f"{direct}-{window}")
     arena = PageArena(256, ahead=False)
@@ -100,26 +117,34 @@ async def test_reads_into_frames_equal_pread(
         await trio.sleep(0.01)  # (a second callback would come in these passes)
     finally:
         await dev.aclose()
-    for (off, views), ok, c in zip(reads, started, calls, strict=True):
-        length = len(views) * PAGE
-        odirect = direct is True or (direct is None and length >= DIRECT_MIN)
-        assert ok is not (odirect and (base + off) % PAGE != 0), (off, length)
-        if not ok:
-            assert c == [] and all(v[0] == JUNK for v in views)
-            continue
-        assert c == [(None, True)], (off, length)
-        got = b"".join(bytes(v) for v in views)
-        assert got == data[base + off : base + off + length], (off, length)
-    if window and direct is not False:
-        assert not all(started)  # the window's O_DIRECT reads were declined
-    assert any(started) or (window and direct is True)
+
+    def check() -> None:
+        for (off, views), ok, c in zip(reads, started, calls, strict=True):
+            length = len(views) * PAGE
+            odirect = direct is True or (direct is None and length >= DIRECT_MIN)
+            if not ok:
+                assert c == [] and all(v[0] == JUNK for v in views)
+                assert odirect and (base + off) % PAGE != 0, (off, length)
+                continue
+            assert c == [(None, True)], (off, length, c)
+            got = b"".join(bytes(v) for v in views)
+            assert got == data[base + off : base + off + length], (off, length)
+            assert not (odirect and (base + off) % PAGE != 0), (off, length)
+        if window and direct is not False:
+            assert not all(started)  # the window's O_DIRECT reads were declined
+        assert any(started) or (window and direct is True)
+
+    assert holds(check) == (variant == "kernel")
 
 
-async def test_into_read_past_the_end_or_closed_raises(image: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("backend", ["uring", "threads"])
+async def test_into_read_past_the_end_or_closed_raises(image: tuple[Path, bytes],
+                                                       backend: str) -> None:
     """As ``read``: a range past the device's end, or a closed device, raises
     ``DeviceIOError``; an empty read starts nothing."""
     path, _ = image
-    dev = await open_uring(path, False)
+    dev = await open_image(path, backend=backend, direct=False)  # type: ignore[arg-type]
+    assert isinstance(dev, UringDevice | ThreadDevice)
     arena = PageArena(16, ahead=False)
     views = frames(arena, 2)
     calls: Calls = []
@@ -196,9 +221,10 @@ COLD_OFFSETS = (1 << 20, (1 << 20) + (256 << 10), (1 << 20) + (512 << 10))
 
 
 # -- read_nowait_into --------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["uring", "threads"])
 @pytest.mark.parametrize("variant", ["kernel", "blocking-probe", "probes-direct"])
 async def test_read_nowait_into_fills_only_from_the_host_cache(
-    tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """A buffered device's probe fills the views when the host caches the range, and answers
     False for a cold one; an O_DIRECT device, and a hybrid device's ``DIRECT_MIN``-sized
@@ -220,16 +246,21 @@ async def test_read_nowait_into_fills_only_from_the_host_cache(
     big = (0, DIRECT_MIN)
     seen: dict[str, bool] = {}
 
-    def probe(dev: UringDevice, off: int, length: int) -> bool:
+    def probe(dev: FileDeviceBase, off: int, length: int) -> bool:
         views = frames(arena, length // PAGE)
         ok = dev.read_nowait_into(off, views)
         if ok:
             assert b"".join(bytes(v) for v in views) == data[off : off + length]
         return ok
 
-    buffered = await open_uring(path, False)
-    hybrid = await open_uring(path, None)
-    direct = await open_uring(path, True)
+    async def opened(direct: bool | None) -> UringDevice | ThreadDevice:
+        dev = await open_image(path, backend=backend, direct=direct)  # type: ignore[arg-type]
+        assert isinstance(dev, UringDevice | ThreadDevice)
+        return dev
+
+    buffered = await opened(False)
+    hybrid = await opened(None)
+    direct = await opened(True)
     try:
         # A probe that misses starts the kernel's read of the page, and on a fast disk that
         # read can finish before the probe looks again (about 1 probe in 1,500 here), so a
@@ -249,9 +280,10 @@ async def test_read_nowait_into_fills_only_from_the_host_cache(
 
 
 # -- FaultyDevice ----------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["uring", "threads"])
 @pytest.mark.parametrize("variant", ["kernel", "broken"])
 async def test_faulty_into_read_waits_out_the_latency(
-    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """``FaultyDevice.submit_read_into`` passes its latency on as the read's delay: the read
     completes (right) no sooner than the latency after it was submitted.
@@ -259,7 +291,8 @@ async def test_faulty_into_read_waits_out_the_latency(
     breaks(variant, monkeypatch, FaultyDevice, "submit_read_into",
            "callback, delay + self._delay())", "callback, delay)")
     path, data = image
-    dev = FaultyDevice(await open_uring(path, False), latency_ms=200)
+    dev = FaultyDevice(await open_image(path, backend=backend, direct=False),  # type: ignore[arg-type]
+                       latency_ms=200)
     arena = PageArena(16, ahead=False)
     views = frames(arena, 3)
     calls: Calls = []
@@ -281,9 +314,10 @@ async def test_faulty_into_read_waits_out_the_latency(
     assert (at[0] - t0 >= 0.195) == (variant == "kernel"), at[0] - t0
 
 
+@pytest.mark.parametrize("backend", ["uring", "threads"])
 @pytest.mark.parametrize("variant", ["kernel", "broken"])
 async def test_faulty_into_read_declines_while_stalled_or_failing(
-    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch
+    image: tuple[Path, bytes], variant: str, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """While stalled, or while any EIO range is set, ``FaultyDevice`` starts no into-read and
     probes nothing (the caller then takes the plain ``read`` path, which honours both); after
@@ -294,9 +328,9 @@ async def test_faulty_into_read_declines_while_stalled_or_failing(
            "return not (self._closed or self.is_stalled or self._eio)",
            "return not self._closed")
     path, data = image
-    dev = FaultyDevice(await open_uring(path, False))
+    dev = FaultyDevice(await open_image(path, backend=backend, direct=False))  # type: ignore[arg-type]
     inner = dev.inner
-    assert isinstance(inner, UringDevice)
+    assert isinstance(inner, UringDevice | ThreadDevice)
     arena = PageArena(16, ahead=False)
     calls: Calls = []
     answers: list[bool] = []

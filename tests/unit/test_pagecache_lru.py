@@ -1,4 +1,4 @@
-"""Reclaim: the active/inactive lists, pinned and locked pages, scan resistance (§4.14)."""
+"""Reclaim: the active/inactive lists, pinned and locked pages, scan resistance (invariant 14)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from asyncfs.pagecache import PG_LOCKED, PG_REFERENCED, Page, PageLRU
 from asyncfs.pagecache.page import LRU_INACTIVE
-from tests.unit.fakes import mutant
+from tests.mutants import mutant
 
 
 def fill(lru: PageLRU, indexes: range, flags: int = 0) -> list[Page]:

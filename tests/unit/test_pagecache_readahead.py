@@ -1,4 +1,4 @@
-"""The per-file readahead policy (``ondemand_readahead``), pure (§4.13)."""
+"""The per-file readahead policy (``ondemand_readahead``), pure (invariant 13)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from asyncfs.pagecache import FileReadahead
 from asyncfs.pagecache.readahead import get_init_ra_size, get_next_ra_size
-from tests.unit.fakes import mutant
+from tests.mutants import mutant
 
 
 def test_initial_window_and_ramp_up() -> None:

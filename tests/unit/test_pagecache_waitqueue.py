@@ -1,7 +1,7 @@
-"""The pure wait table: page lock, WAITERS, wake walk (DESIGN.md §4 invariants 1-7).
+"""The pure wait table: page lock, WAITERS, wake walk (invariants 1-7 of docs/invariants.md).
 
 Each invariant test runs twice: against the real code, where the check must hold, and against
-a deliberately broken variant (named in the docstring, built with ``fakes.mutant`` or a small
+a deliberately broken variant (named in the docstring, built with ``mutants.mutant`` or a small
 replacement), where the same check must catch the breakage. That is the test's proof of teeth.
 """
 
@@ -20,7 +20,7 @@ from asyncfs.pagecache import (
     WaitTable,
 )
 from asyncfs.pagecache.waitqueue import PAGE_LOCK_UNFAIRNESS
-from tests.unit.fakes import mutant
+from tests.mutants import mutant
 
 VARIANTS = ["kernel", "broken"]
 
@@ -276,8 +276,8 @@ def test_inv7_exactly_once(variant: str, monkeypatch: pytest.MonkeyPatch) -> Non
     """"Acquired now" leaves no entry queued (its callback never fires); each "queued"
     result is called back exactly once, however many unlocks follow.
 
-    Broken variant: the final trylock succeeds but the entry is left queued (the seed's
-    ``__remove_wait_queue`` on success dropped)."""
+    Broken variant: the final trylock succeeds but the entry is left queued (the async page
+    lock patch's ``__remove_wait_queue`` on success dropped)."""
     if variant == "broken":
         monkeypatch.setattr(
             WaitTable, "_wait_on_page_locked_async",

@@ -10,20 +10,18 @@ statfs. The Volume is also compared with the source tree for what an image prese
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from asyncfs.engine import volume as volume_mod
+from asyncfs.engine.dirops import Directories
 from asyncfs.engine.volume import Volume
-from tests.imagegen import (
-    PRESETS,
-    SMALL_INODE_PRESETS,
-    kernel_mount,
-    kernel_mount_unavailable,
-    make_image,
-    make_tree,
-)
+from asyncfs.ext4 import inode as inode_mod
+from asyncfs.testing.imagegen import PRESETS, SMALL_INODE_PRESETS, make_image, make_tree
+from tests.imagegen import kernel_mount, kernel_mount_unavailable
+from tests.mutants import breaks
 from tests.unit.volume_reader import PreadReader
 from tests.unit.volume_walk import diff_snapshots, os_snapshot, volume_snapshot
 
@@ -63,17 +61,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
 
 async def _open(img: Path) -> tuple[Volume, PreadReader]:
     reader = PreadReader(img)
-    vol = await Volume.open(reader, device_size=reader.size)
+    vol = await Volume.mount(reader, device_size=reader.size)
     return vol, reader
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 async def test_volume_equals_kernel_mount(corpus: Corpus, preset: str) -> None:
-    """Broken variant: decoding i_uid without l_i_uid_high (16-bit owners) -> owners/ differs;
-    ignoring i_size_high -> sparse/far (past 4 GiB) differs; st_blocks without the inline-data
-    sectors -> inline_data files differ; readdir in disk order instead of ext4_dx_readdir's hash
-    order (or sorting without the collision-chain rule) -> "order" differs on every dir_index
-    preset. Each fails this."""
+    """Every entry, every field, as the kernel's own mount shows them (the broken
+    code this catches is built in test_broken_variants_fail_the_comparisons)."""
     img = corpus.image(preset)
     vol, reader = await _open(img)
     try:
@@ -94,8 +89,8 @@ async def test_volume_equals_kernel_mount(corpus: Corpus, preset: str) -> None:
 
 @pytest.mark.parametrize("preset", ["ext2-1k", "ext4", "inline_data", "ext4-128inode"])
 async def test_volume_equals_source_tree(corpus: Corpus, preset: str) -> None:
-    """Broken variant: ignoring the epoch bits of i_mtime_extra -> times/y2100 and y2286 show
-    1964/2017 mtimes and this fails; decoding new-style rdev as old -> special/ fails."""
+    """What the image preserves of the source tree (the broken code this
+    catches is built in test_broken_variants_fail_the_comparisons)."""
     img = corpus.image(preset)
     vol, reader = await _open(img)
     try:
@@ -117,3 +112,39 @@ async def test_volume_equals_source_tree(corpus: Corpus, preset: str) -> None:
         if not d.startswith("b'lost+found'")
     ]
     assert diffs == [], "\n".join(diffs[:40])
+
+
+Comparison = Callable[[Corpus, str], Awaitable[None]]
+
+# variant -> (comparison that must fail, preset, field named in the failure, mutant)
+_BROKEN: dict[str, tuple[Comparison, str, str, tuple[object, str, str, str]]] = {
+    # i_uid without l_i_uid_high (16-bit owners): owners/ differs
+    "uid-16bit": (test_volume_equals_kernel_mount, "ext4", "uid", (
+        volume_mod, "parse_inode", "i_uid=uid_lo | (uid_hi << 16),", "i_uid=uid_lo,")),
+    # st_blocks without the inline-data sectors: inline_data files differ
+    "inline-blocks": (test_volume_equals_kernel_mount, "inline_data", "blocks", (
+        volume_mod, "inode_attr", "blocks += (inode.i_size + 511) >> 9", "pass")),
+    # readdir in disk order instead of ext4_dx_readdir's hash order
+    "disk-order": (test_volume_equals_kernel_mount, "ext4", "order", (
+        Directories, "_hash_listing", "if not self._is_dx_dir(inode, info):", "if True:")),
+    # the epoch bits of i_mtime_extra ignored: times/y2100 and y2286 show 1964/2017
+    "no-epoch": (test_volume_equals_source_tree, "ext4", "mtime", (
+        inode_mod, "decode_time_ns", "if extra & _EPOCH_MASK:", "if False:")),
+    # new-style rdev decoded as old: special/ differs
+    "old-rdev": (test_volume_equals_source_tree, "ext4", "rdev", (
+        inode_mod, "inode_rdev",
+        "return _makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))",
+        "return _makedev((new >> 8) & 0xFF, new & 0xFF)")),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_BROKEN))
+async def test_broken_variants_fail_the_comparisons(
+    corpus: Corpus, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each broken variant of the decoder or the volume makes the comparison that guards it
+    fail, naming the field it gets wrong."""
+    compare, preset, field, (owner, name, old, new) = _BROKEN[variant]
+    breaks(variant, monkeypatch, owner, name, old, new)
+    with pytest.raises(AssertionError, match=f": {field} "):
+        await compare(corpus, preset)

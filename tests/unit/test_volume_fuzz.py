@@ -74,7 +74,7 @@ def _metadata_offsets(data: bytes) -> list[int]:
     rec = _Recorder(data)
 
     async def walk() -> None:
-        vol = await Volume.open(rec, device_size=len(data))
+        vol = await Volume.mount(rec, device_size=len(data))
         await _walk(vol)
 
     trio.run(walk)
@@ -133,16 +133,15 @@ async def test_damaged_images_raise_only_our_errors(
 ) -> None:
     """Mutations land only on bytes the Volume reads as metadata of the pristine image.
 
-    Broken variant: Volume._inode without its inode-number range check together with
-    parse_dirents without its ``inode > s_inodes_count`` bound -> a damaged record's inode
-    number indexes past the group descriptors and IndexError escapes (seen within the 600
-    examples, ~6 s)."""
+    What it guards, for example: a damaged record's inode number past s_inodes_count must come
+    out as the project's error (the range checks of ``Volume.inode`` and ``parse_dirents``),
+    never as an IndexError from the group descriptor table."""
     pristine, meta = images[kind]
     data = bytearray(pristine)
     for pick, val in flips:
         data[meta[pick % len(meta)]] = val
     try:
-        vol = await Volume.open(MemReader(data), verify_csum=verify, device_size=len(data))
+        vol = await Volume.mount(MemReader(data), verify_csum=verify, device_size=len(data))
     except AsyncfsError:
         return
     await _walk(vol)

@@ -10,13 +10,33 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from asyncfs.engine.volume import Volume
 from asyncfs.errors import AsyncfsError
+from asyncfs.testing.treewalk import DepthFirst, host_tree
 
 Snapshot = dict[bytes, dict[str, Any]]
+
+
+@contextmanager
+def fails_unless_kernel(variant: str) -> Iterator[None]:
+    """Run a test's checks: for ``variant == "kernel"`` (the real code) they must pass, for a
+    broken variant they must fail, by a failed assertion (or ``pytest.raises``) or by one of
+    the project's errors escaping where the real code answers."""
+    if variant == "kernel":
+        yield
+        return
+    try:
+        yield
+    except (AssertionError, AsyncfsError, pytest.fail.Exception):
+        return
+    raise AssertionError(f"broken variant {variant!r} passed the checks")
 
 
 _CHUNK = 1 << 20
@@ -101,9 +121,8 @@ async def listing(vol: Volume, ino: int) -> list[tuple[bytes, int, int]]:
 
 async def volume_snapshot(vol: Volume, *, xattrs: bool = True) -> Snapshot:
     snap: Snapshot = {}
-    stack: list[tuple[bytes, int]] = [(b"", vol.root_ino)]
-    while stack:
-        rel, ino = stack.pop()
+    walk: DepthFirst[tuple[bytes, int]] = DepthFirst((b"", vol.root_ino))
+    for rel, ino in walk:
         a = await vol.getattr(ino)
         rec: dict[str, Any] = {
             "mode": a.mode,
@@ -147,7 +166,7 @@ async def volume_snapshot(vol: Volume, *, xattrs: bool = True) -> Snapshot:
                 looked = await vol.lookup(ino, name)
                 if looked.ino != child:
                     rec.setdefault("lookup_mismatch", []).append(name)
-                stack.append((os.path.join(rel, name) if rel else name, child))
+                walk.push([(os.path.join(rel, name) if rel else name, child)])
         snap[rel] = rec
     return snap
 
@@ -161,12 +180,7 @@ def _os_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
 
 def os_snapshot(root: Path, *, xattrs: bool = True) -> Snapshot:
     snap: Snapshot = {}
-    base = os.fsencode(root)
-    stack: list[bytes] = [b""]
-    while stack:
-        rel = stack.pop()
-        path = os.path.join(base, rel) if rel else base
-        st = os.lstat(path)
+    for rel, path, st in host_tree(root):
         rec: dict[str, Any] = {
             "mode": st.st_mode,
             "nlink": st.st_nlink,
@@ -195,8 +209,6 @@ def os_snapshot(root: Path, *, xattrs: bool = True) -> Snapshot:
             rec["names"] = names
             rec["order"] = os.listdir(path)  # getdents order
             rec["dup_names"] = False
-            for n in names:
-                stack.append(os.path.join(rel, n) if rel else n)
         snap[rel] = rec
     return snap
 

@@ -1,5 +1,6 @@
-"""A fault-injecting BlockDevice wrapper for tests and benchmarks: per-read latency (fixed or
-random), EIO for reads touching chosen byte ranges, and a stall the test releases.
+"""A fault-injecting BlockDevice wrapper for tests, benchmarks and ``-o faults``: per-read
+latency (fixed or random), EIO for reads touching chosen byte ranges, and a stall the test
+releases.
 
 Over io_uring, reads also complete by callback, and their latency is waited out in the kernel
 (``UringDevice.submit_read_after``: a timeout linked ahead of the read), not by a timer, task

@@ -1,4 +1,4 @@
-"""Test doubles for the engine's unit tests: block devices and file maps.
+"""Block devices and file maps made of memory, for the engine's tests and the engine benchmarks.
 
 ``MemoryDevice`` serves bytes from memory (optionally after a trio sleep). ``GatedDevice``
 holds every read until the test releases it (or fails it), and can be told to fail the next
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -64,6 +63,8 @@ class MemoryDevice:
 
 @dataclass
 class PendingRead:
+    """One read a ``GatedDevice`` holds until ``release``."""
+
     offset: int
     length: int
     done: trio.Event = field(default_factory=trio.Event)
@@ -166,36 +167,3 @@ class ListFileMap:
 def contiguous_file(size: int, dev_off: int = 0) -> ListFileMap:
     """A file stored in one extent at ``dev_off``."""
     return ListFileMap(size, [Run(0, size, dev_off=dev_off)])
-
-
-def breaks(variant: str, monkeypatch: Any, owner: Any, name: str, old: str, new: str) -> None:
-    """Unless ``variant`` is ``"kernel"``, replace ``owner.name`` by its ``mutant`` for the
-    test (``monkeypatch`` undoes it)."""
-    if variant != "kernel":
-        monkeypatch.setattr(owner, name, mutant(owner, name, old, new))
-
-
-def mutant(owner: object, name: str, old: str, new: str) -> Any:
-    """A deliberately broken copy of function ``owner.name``: its source with ``old`` replaced
-    by ``new``, compiled in the original module's globals. Fails loudly if ``old`` is not in
-    the source, so a refactor cannot silently defuse a test's broken variant."""
-    import __future__
-
-    import inspect
-    import sys
-    import textwrap
-
-    fn = getattr(owner, name)
-    fn = getattr(fn, "__func__", fn)
-    src = textwrap.dedent(inspect.getsource(fn))
-    if src.count(old) != 1:
-        raise AssertionError(f"mutation anchor not found exactly once in {name}: {old!r}")
-    src = src.replace(old, new)
-    module = sys.modules[fn.__module__]
-    ns: dict[str, Any] = {}
-    code = compile(
-        src, f"<mutant {name}>", "exec", flags=__future__.annotations.compiler_flag,
-        dont_inherit=True,
-    )
-    exec(code, module.__dict__, ns)
-    return ns[name]
