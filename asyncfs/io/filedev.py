@@ -20,7 +20,9 @@ read one ring round trip; a cold read starts its I/O in the ring instead, once.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+from collections.abc import Callable
 
 from asyncfs.errors import DeviceIOError
 from asyncfs.io.buffers import ALIGN, AlignedPool, align_down, align_up
@@ -159,3 +161,28 @@ class FileDeviceBase:
         if self._dfd >= 0:
             os.close(self._dfd)
             self._dfd = -1
+
+
+_log = logging.getLogger(__name__)
+
+
+def call_completion(callback: Callable[..., None], *args: object) -> None:
+    """Call a completion callback (``ReadCallback`` or ``IntoCallback``), which may not raise:
+    the backends run it inside the scheduler's instrument hooks, which trio drops for good if
+    they raise."""
+    try:
+        callback(*args)
+    except Exception:
+        _log.exception("read completion callback failed")
+
+
+def skip_views(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes (the rest of a short read)."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out

@@ -43,14 +43,13 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 
 import outcome
 import trio
 
 from asyncfs.io.buffers import Buffer
 from asyncfs.io.device import IntoCallback, ReadCallback
-from asyncfs.io.filedev import FileDeviceBase, describe_oserror
+from asyncfs.io.filedev import FileDeviceBase, call_completion, describe_oserror, skip_views
 
 log = logging.getLogger(__name__)
 
@@ -419,16 +418,16 @@ class ThreadDevice(FileDeviceBase):
         why = op.error if error is None else error
         buf = op.buf
         if op.into is not None:
-            _call(op.into, None if why is None else self._io_error(op.offset, op.length, why),
-                  released)
+            failure = None if why is None else self._io_error(op.offset, op.length, why)
+            call_completion(op.into, failure, released)
         elif op.callback is not None:
             if why is None and buf is not None:
                 # The callback copies what it keeps: the view is valid only during the call.
                 with buf.view[op.lo : op.need] as view:
-                    _call(op.callback, view, None)
+                    call_completion(op.callback, view, None)
             else:
-                _call(op.callback, None,
-                      self._io_error(op.offset, op.length, why or "no buffer"))
+                call_completion(op.callback, None,
+                                self._io_error(op.offset, op.length, why or "no buffer"))
         elif op.task is not None:  # (None: the reader was cancelled)
             if why is None and buf is not None:
                 data = bytes(buf.view[op.lo : op.need])
@@ -501,7 +500,7 @@ def _pread(op: _Read) -> str | None:
     done = 0
     while done < need:
         try:
-            got = os.preadv(fd, views if done == 0 else _rest(views, done), pos + done)
+            got = os.preadv(fd, views if done == 0 else skip_views(views, done), pos + done)
         except BlockingIOError:  # EAGAIN (EINTR is retried by os.preadv itself)
             continue
         except OSError as err:
@@ -510,24 +509,3 @@ def _pread(op: _Read) -> str | None:
             return _ENDS_EARLY
         done += got
     return None
-
-
-def _rest(views: list[memoryview], n: int) -> list[memoryview]:
-    """``views`` without their first ``n`` bytes (the rest of a short read)."""
-    out = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-            continue
-        out.append(v[n:] if n else v)
-        n = 0
-    return out
-
-
-def _call(callback: Callable[..., None], *args: object) -> None:
-    """A completion callback, which may not raise: it runs inside the scheduler's instrument
-    hooks, which trio drops for good if they raise."""
-    try:
-        callback(*args)
-    except Exception:
-        log.exception("read completion callback failed")

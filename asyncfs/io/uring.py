@@ -30,7 +30,6 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import outcome
@@ -39,7 +38,7 @@ import trio
 from asyncfs.errors import DeviceIOError
 from asyncfs.io.buffers import Buffer
 from asyncfs.io.device import IntoCallback, ReadCallback
-from asyncfs.io.filedev import FileDeviceBase
+from asyncfs.io.filedev import FileDeviceBase, call_completion, skip_views
 
 try:
     import asyncfs.io._uring as _uring
@@ -262,7 +261,7 @@ class UringDevice(FileDeviceBase):
         target: Any
         if buf is None:
             assert op.views is not None
-            target = op.views if op.done == 0 else _skip(op.views, op.done)
+            target = op.views if op.done == 0 else skip_views(op.views, op.done)
         elif op.done == 0 and op.want == len(buf.mm):
             target = buf.view
         else:
@@ -352,7 +351,7 @@ class UringDevice(FileDeviceBase):
             into, op.into = op.into, None
             op.views = None
             if into is not None:
-                _call(into, None if error is None else
+                call_completion(into, None if error is None else
                       self._io_error(op.offset, op.length, error), True)
             return
         if op.callback is not None:
@@ -360,11 +359,11 @@ class UringDevice(FileDeviceBase):
             if error is None:
                 # The callback copies what it keeps: the view is valid only during the call.
                 with buf.view[op.lo : op.need] as view:
-                    _call(callback, view, None)
+                    call_completion(callback, view, None)
                 self._pool.put(buf)
             else:
                 self._pool.put(buf)
-                _call(callback, None, self._io_error(op.offset, op.length, error))
+                call_completion(callback, None, self._io_error(op.offset, op.length, error))
             return
         task = op.task
         if task is None:  # the reader was cancelled: only the buffer was waiting for this
@@ -394,10 +393,10 @@ class UringDevice(FileDeviceBase):
         for op in self._ops.values():
             if op.into is not None:  # still in the kernel: its views must not be reused
                 into, op.into = op.into, None
-                _call(into, DeviceIOError(why), False)
+                call_completion(into, DeviceIOError(why), False)
             if op.callback is not None:
                 callback, op.callback = op.callback, None
-                _call(callback, None, DeviceIOError(why))
+                call_completion(callback, None, DeviceIOError(why))
             if op.task is not None:
                 task, op.task = op.task, None
                 trio.lowlevel.reschedule(task, outcome.Error(DeviceIOError(why)))
@@ -446,24 +445,3 @@ class UringDevice(FileDeviceBase):
         abandoned = self._ring.close()
         if abandoned:
             log.warning("%s: %d reads were still in the kernel at close", self.path, abandoned)
-
-
-def _call(callback: Callable[..., None], *args: object) -> None:
-    """A completion callback (``ReadCallback`` or ``IntoCallback``) that may not raise: it runs
-    inside the scheduler's instrument hooks, which trio drops for good if they raise."""
-    try:
-        callback(*args)
-    except Exception:
-        log.exception("read completion callback failed")
-
-
-def _skip(views: list[memoryview], n: int) -> list[memoryview]:
-    """``views`` without their first ``n`` bytes (the rest of a short read)."""
-    out = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-            continue
-        out.append(v[n:] if n else v)
-        n = 0
-    return out

@@ -163,9 +163,9 @@ async def test_short_reads_resume_where_they_stopped(
     """A kernel that returns at most 1000 bytes a call (one page with O_DIRECT), and EAGAIN
     now and then: every read
     (into frames, bounce, task; O_DIRECT spans too) still gets exactly its bytes.
-    Broken variant: ``_rest`` returning the views unchanged (the rest of a short read lands
+    Broken variant: ``skip_views`` returning the views unchanged (the rest of a short read lands
     at the start of the buffers again)."""
-    breaks(variant, monkeypatch, threads_mod, "_rest", "    out = []\n",
+    breaks(variant, monkeypatch, threads_mod, "skip_views", "    out = []\n",
            "    return views\n    out = []\n")
     path, data = image
     calls = {"n": 0}

@@ -1,6 +1,6 @@
 """Reads straight into the caller's buffers (``IntoReads``) on the real io_uring backend and
 real files: ``submit_read_into`` fills page frames with exactly what ``os.pread`` reads, or
-declines where O_DIRECT cannot read into them; ``_skip`` resumes a short read; ``_fail_all``
+declines where O_DIRECT cannot read into them; ``skip_views`` resumes a short read; ``_fail_all``
 tells the caller its buffers may still be written; ``read_nowait_into`` fills them only from
 the host cache; ``FaultyDevice`` forwards all this with its latency, stall and EIO ranges."""
 
@@ -157,22 +157,22 @@ async def test_into_read_past_the_end_or_closed_raises(image: tuple[Path, bytes]
     assert calls == []
 
 
-# -- _skip -------------------------------------------------------------------------------
+# -- skip_views -------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["kernel", "broken"])
 def test_skip_drops_exactly_the_bytes_read(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``_skip(views, n)`` (what a short read's rest is resubmitted into) is the views without
     their first ``n`` bytes: no empty views, the same memory (not copies), for splits at,
     inside and across view boundaries.
-    Broken variant: ``_skip`` returning the views unchanged (the rest of a short read lands at
+    Broken variant: ``skip_views`` returning the views unchanged (the rest of a short read lands at
     the start of the buffers again)."""
-    breaks(variant, monkeypatch, uring_mod, "_skip", "    out = []\n",
+    breaks(variant, monkeypatch, uring_mod, "skip_views", "    out = []\n",
            "    return views\n    out = []\n")
     bufs = [bytearray(random.Random(i).randbytes(n)) for i, n in enumerate([4096, 4096, 100])]
     whole = b"".join(bufs)
     views = [memoryview(b) for b in bufs]
     right = True
     for n in [0, 1, 4095, 4096, 4097, 8191, 8192, 8193, 8291, 8292]:
-        rest = uring_mod._skip(views, n)
+        rest = uring_mod.skip_views(views, n)
         right = right and b"".join(bytes(v) for v in rest) == whole[n:]
         right = right and all(len(v) for v in rest)
         if rest:  # a view of the caller's buffer, where the kernel must write
@@ -193,8 +193,8 @@ async def test_fail_all_reports_into_reads_unreleased_once(
     Broken variant: ``_fail_all`` passing ``released=True`` (the caller would reuse buffers
     the kernel is about to write)."""
     breaks(variant, monkeypatch, UringDevice, "_fail_all",
-           "_call(into, DeviceIOError(why), False)",
-           "_call(into, DeviceIOError(why), True)")
+           "call_completion(into, DeviceIOError(why), False)",
+           "call_completion(into, DeviceIOError(why), True)")
     path, data = image
     dev = await open_uring(path, True)
     arena = PageArena(16, ahead=False)
