@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -22,6 +21,7 @@ from asyncfs.io import UringDevice, open_image
 from asyncfs.pagecache.page import PAGE_SIZE, PG_ERROR, PG_LOCKED, PG_UPTODATE
 from bench.image import uncache_file
 from tests.mutants import breaks, mutant
+from tests.unit.counting import count_callback_reads
 
 SIZE = 64 * PAGE_SIZE
 
@@ -46,30 +46,7 @@ async def _open(path: Path, *, direct: bool, kind: str) -> tuple[UringDevice, li
     bounce buffer (``bounce``)."""
     dev = await open_image(path, backend="uring", direct=direct)
     assert isinstance(dev, UringDevice)
-    started: list[int] = []
-    if kind == "into":
-        real_into = dev.submit_read_into
-
-        def counting_into(offset: int, views: list[memoryview], callback: Any,
-                          delay: float = 0.0) -> bool:
-            ok = real_into(offset, views, callback, delay)
-            if ok:
-                started.append(sum(map(len, views)))
-            return ok
-
-        dev.submit_read_into = counting_into  # type: ignore[method-assign]
-        return dev, started
-    dev.submit_read_into = None  # type: ignore[assignment,method-assign]
-    real = dev.submit_read
-
-    def counting(offset: int, length: int, callback: Any) -> bool:
-        ok = real(offset, length, callback)
-        if ok:
-            started.append(length)
-        return ok
-
-    dev.submit_read = counting  # type: ignore[method-assign]
-    return dev, started
+    return dev, count_callback_reads(dev, kind)
 
 
 @pytest.mark.parametrize("variant", ["kernel", "frames-reversed"])

@@ -34,6 +34,7 @@ from asyncfs.pagecache.page import PAGE_SIZE, PG_ERROR, PG_LOCKED, PG_UPTODATE
 from asyncfs.testing import FaultyDevice
 from bench.image import uncache_file
 from tests.mutants import breaks
+from tests.unit.counting import count_callback_reads
 
 PAGE = FRAME_SIZE
 SIZE = 3 * (1 << 20) + 777  # odd: the last O_DIRECT read is short
@@ -638,30 +639,7 @@ async def _open_counted(path: Path, *, direct: bool, kind: str) -> tuple[ThreadD
     (``into``), or, with ``submit_read_into`` hidden from the cache, through the bounce
     buffer (``bounce``)."""
     dev = await open_threads(path, direct)
-    started: list[int] = []
-    if kind == "into":
-        real_into = dev.submit_read_into
-
-        def counting_into(offset: int, views: list[memoryview], callback: Any,
-                          delay: float = 0.0) -> bool:
-            ok = real_into(offset, views, callback, delay)
-            if ok:
-                started.append(sum(map(len, views)))
-            return ok
-
-        dev.submit_read_into = counting_into  # type: ignore[method-assign]
-        return dev, started
-    dev.submit_read_into = None  # type: ignore[assignment,method-assign]
-    real = dev.submit_read
-
-    def counting(offset: int, length: int, callback: Any) -> bool:
-        ok = real(offset, length, callback)
-        if ok:
-            started.append(length)
-        return ok
-
-    dev.submit_read = counting  # type: ignore[method-assign]
-    return dev, started
+    return dev, count_callback_reads(dev, kind)
 
 
 @pytest.fixture
